@@ -1,0 +1,169 @@
+"""Loading models from local directories (never the network) into one handle: model, processor and
+family adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dyco_probe.models.adapters import FamilyAdapter, adapter_for
+from dyco_probe.models.builtin import BUILTIN_DIR
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete or corrupt."""
+
+
+@dataclass
+class ModelHandle:
+    """A loaded vision-language model with everything dyco_probe needs to drive it.
+
+    Attributes:
+        model: the ``transformers`` model, in eval mode.
+        processor: its processor (tokenizer + image processor; image-only for Qwen families).
+        adapter: the family adapter (prompt format, image token).
+        source: ``"builtin"`` or the checkpoint path.
+    """
+
+    model: object
+    processor: object
+    adapter: FamilyAdapter
+    source: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def image_token_id(self) -> int:
+        return self.adapter.image_token_id(self.model)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.adapter.text_config(self.model).num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.adapter.text_config(self.model).num_attention_heads)
+
+    def prompt(self, question: str, n_images: int | None = None) -> str:
+        """The chat-formatted prompt for one question (``<image>`` tags mark image positions)."""
+        return self.adapter.prompt(self.processor, question, n_images)
+
+    def encode(self, prompts: list[str], images: list[list], completions: list[str] | None = None):
+        """Encode a batch of prompts (and optionally completions appended to them) with their images,
+        left-padded, on the model's device. Returns the processor's ``BatchFeature``; Qwen families
+        include ``mm_token_type_ids``."""
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        texts = list(prompts)
+        if completions is not None:
+            texts = [p + " " + c if c else p for p, c in zip(prompts, completions)]
+        flat = [im for ims in images for im in ims]
+        batch = self.processor(
+            images=flat or None, text=texts, return_tensors="pt", padding=True, padding_side="left"
+        )
+        if self.adapter.uses_mm_token_type_ids and "mm_token_type_ids" not in batch:
+            batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).long()
+        return batch.to(self.device)
+
+
+def _resolve(source: str | os.PathLike) -> Path:
+    if str(source) == "builtin":
+        path = BUILTIN_DIR
+        if not (path / "config.json").exists():
+            raise CheckpointError(
+                f"the built-in checkpoint is missing from {path}; rebuild it with `dyco-probe pretrain --out {path}`"
+            )
+        return path
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{source!r} is not a local checkpoint directory (dyco_probe never downloads: pass 'builtin' or a path)"
+        )
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json: not a transformers checkpoint")
+    return path
+
+
+def _load_processor(path: Path, adapter: FamilyAdapter):
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    if adapter.name in ("qwen2_5_vl", "qwen2_vl"):
+        from dyco_probe.models.processor import ImageOnlyQwen2_5_VLProcessor
+
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
+        chat_template = getattr(tokenizer, "chat_template", None)
+        for name in ("chat_template.jinja", "chat_template.json"):
+            f = path / name
+            if f.exists():
+                text = f.read_text()
+                chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+                break
+        processor_cfg = path / "processor_config.json"
+        if chat_template is None and processor_cfg.exists():
+            chat_template = json.loads(processor_cfg.read_text()).get("chat_template")
+        return ImageOnlyQwen2_5_VLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+        )
+    return AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
+def load(
+    source: str | os.PathLike = "builtin",
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> ModelHandle:
+    """Load ``"builtin"`` or a local checkpoint directory into a :class:`ModelHandle`.
+
+    Args:
+        source: ``"builtin"`` (the shipped tiny Qwen2.5-VL) or a path to a local checkpoint of the
+            Qwen2.5-VL, Qwen2-VL or LLaVA families (e.g. a downloaded Qwen2.5-VL-3B-Instruct).
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``...
+        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``.
+        attn_implementation: attention for the whole model; tracing swaps in its own function for
+            the text model only, while it is active.
+
+    Never touches the network: ``HF_HUB_OFFLINE`` is set and files are read locally only.
+    """
+    import torch
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = _resolve(source)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.json'} is unreadable: {e}") from e
+    adapter = adapter_for(config.get("model_type", "<missing model_type>"))
+    torch_dtype = {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        None: torch.float32,
+    }
+    if dtype not in torch_dtype:
+        raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
+    model_cls = getattr(transformers, adapter.model_class)
+    try:
+        model = model_cls.from_pretrained(
+            path, local_files_only=True, dtype=torch_dtype[dtype], attn_implementation=attn_implementation
+        )
+        processor = _load_processor(path, adapter)
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"could not load the checkpoint at {path}: {type(e).__name__}: {e}") from e
+    model.eval()
+    if device:
+        model.to(device)
+    info = {"path": str(path), "model_type": config.get("model_type"), "dtype": str(torch_dtype[dtype])}
+    return ModelHandle(model=model, processor=processor, adapter=adapter, source=str(source), info=info)
