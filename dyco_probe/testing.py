@@ -7,7 +7,7 @@ Everything here is built from a config (never downloaded) and runs on a CPU in m
     out = model.generate(**batch, max_new_tokens=5, do_sample=False)
 
 All tiny models share one token layout (`TINY_TOKENS`): a few special ids at the bottom of the
-vocabulary, ordinary text ids above them. Batches are built directly as tensors, so no tokenizer or
+vocabulary, ordinary text ids above them; generation never emits the special ids other than EOS. Batches are built directly as tensors, so no tokenizer or
 image processor is involved; `tiny_tokenizer()` gives a matching tokenizer when token text is wanted.
 """
 
@@ -78,6 +78,16 @@ def _finish(model, seed_state):
     model.generation_config.pad_token_id = TINY_TOKENS.pad
     model.generation_config.eos_token_id = TINY_TOKENS.eos
     model.generation_config.bos_token_id = TINY_TOKENS.bos
+    # A random model would now and then emit placeholder ids, which a teacher-forced forward would
+    # then read as images; real VLMs practically never do.
+    model.generation_config.suppress_tokens = [
+        TINY_TOKENS.pad,
+        TINY_TOKENS.bos,
+        TINY_TOKENS.image,
+        TINY_TOKENS.video,
+        TINY_TOKENS.vision_start,
+        TINY_TOKENS.vision_end,
+    ]
     return model
 
 

@@ -1,0 +1,382 @@
+"""The attention function that both traces and intervenes.
+
+`attention_hooks(model, hook)` swaps the attention of the model's **text decoder** (the vision tower
+keeps its own) for a function registered with `transformers.AttentionInterface` under a private
+name, and calls `hook(call)` at every chosen layer with an `AttentionCall`. The hook can
+
+- ask for attention probabilities of some query rows: `call.request_probs(rows, callback)`; the
+  callback gets `[B, H, R, K]` float32 probabilities after the forward of that layer;
+- add a bias to attention logits: `call.add_logit_bias(bias, rows)` (`-inf` knocks keys out, `log λ`
+  scales their share); the layer's output then reflects the bias.
+
+Only the requested rows are computed explicitly (`q·Kᵀ` for those rows, one softmax each). The
+layer output comes from the model's own implementation (sdpa by default), untouched, unless a bias
+is added: then the biased rows are recomputed explicitly and written over the output, or, if the
+bias covers every query row (`rows=None`), the whole layer is computed eagerly with the bias. No
+`L×L` matrix exists unless a hook asks for all rows.
+
+On exit the registration is removed and each config's `_attn_implementation` restored: the model
+is as it was. Sessions nest: a second `attention_hooks` on a patched model adds its hook to the
+running session (e.g. a tracer inside an intervention), and hooks run in registration order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "AttentionCall",
+    "AttentionHook",
+    "attention_hooks",
+    "explicit_attention_rows",
+    "text_attention_modules",
+]
+
+AttentionHook = Callable[["AttentionCall"], None]
+
+# Rows of queries computed per explicit chunk; bounds the [B, H, chunk, K] logits buffer.
+_ROW_CHUNK = 256
+
+
+@dataclass
+class AttentionCall:
+    """One call of a text attention layer, as seen by a hook.
+
+    Attributes:
+        layer_idx: decoder layer index.
+        module: the attention module (`num_key_value_groups`, `head_dim`, `scaling` live here).
+        query: `[B, H, Q, D]` queries after RoPE.
+        key, value: `[B, H_kv, K, D]` keys and values, cache included (`K = past + Q`).
+        mask: the mask transformers built for this call, unchanged: `None` (plain causal, no padding),
+            a bool `[B|1, 1, Q, K]` (True = attend) or an additive float mask.
+        scaling: logit scale (`head_dim ** -0.5`).
+        query_columns: `[Q]` long, the key-axis column (sequence position incl. padding) of each query:
+            `K - Q + arange(Q)`.
+    """
+
+    layer_idx: int
+    module: nn.Module
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    mask: Tensor | None
+    scaling: float
+    query_columns: Tensor
+    _biases: list[tuple[Tensor | None, Tensor]] = field(default_factory=list)
+    _requests: list[tuple[Tensor, Callable[[Tensor], None]]] = field(default_factory=list)
+
+    @property
+    def num_heads(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def num_queries(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def num_keys(self) -> int:
+        return self.key.shape[2]
+
+    def _rows(self, rows) -> Tensor:
+        q = self.num_queries
+        if isinstance(rows, Tensor):  # trusted, no device sync: negatives wrap, nothing is checked
+            rows = rows.to(device=self.query.device, dtype=torch.long).reshape(-1)
+            return torch.where(rows < 0, rows + q, rows)
+        rows = [int(r) + q if int(r) < 0 else int(r) for r in ([rows] if isinstance(rows, int) else rows)]
+        if any(r < 0 or r >= q for r in rows):
+            raise IndexError(f"query rows {rows} out of range for {q} queries")
+        return torch.tensor(rows, dtype=torch.long, device=self.query.device)
+
+    def add_logit_bias(self, bias: Tensor, rows: Sequence[int] | Tensor | None = None) -> None:
+        """Add `bias` to the attention logits of this layer before the softmax.
+
+        Args:
+            bias: broadcastable to `[B, H, R, K]` (R = len(rows), or Q when `rows` is None). Use
+                `-inf` (or the dtype minimum) to knock keys out, `log λ` to scale their weight by λ,
+                zeros for heads / keys to leave alone.
+            rows: query rows (indices into this call's `Q` queries, negative allowed); `None`: all
+                rows, which makes this layer compute attention eagerly.
+        """
+        if rows is not None:
+            rows = self._rows(rows)
+            if torch.unique(rows).numel() != rows.numel():
+                raise ValueError("add_logit_bias: rows must be distinct")
+        self._biases.append((rows, bias))
+
+    def request_probs(self, rows: Sequence[int] | Tensor, callback: Callable[[Tensor], None]) -> None:
+        """Ask for the attention probabilities of query `rows`: `callback(probs)` with `probs`
+        `[B, H, len(rows), K]` float32, biases of this call included, padding keys at exactly 0."""
+        self._requests.append((self._rows(rows), callback))
+
+    def logit_mask(self, rows: Tensor) -> Tensor:
+        """The additive float32 mask of query `rows`, `[B|1, 1, R, K]`: 0 where visible, dtype-min elsewhere."""
+        return _mask_rows(self.mask, rows, self.query_columns, self.key.shape[2], self.query.device)
+
+
+def _mask_rows(mask: Tensor | None, rows: Tensor, query_columns: Tensor, num_keys: int, device) -> Tensor:
+    neg = torch.finfo(torch.float32).min
+    cols = torch.arange(num_keys, device=device)
+    causal = cols[None, :] <= query_columns[rows][:, None]  # [R, K]
+    if mask is None:
+        visible = causal[None, None]
+    elif mask.ndim == 2:  # flash-style 2-D padding mask
+        visible = causal[None, None] & mask[:, None, None, -num_keys:].to(torch.bool)
+    elif mask.dtype == torch.bool:
+        visible = mask[:, :, rows, :num_keys]
+    else:
+        additive = mask[:, :, rows, :num_keys].to(torch.float32)
+        return additive.clamp_min(neg)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    return torch.where(visible, zero, torch.full((), neg, device=device))
+
+
+def explicit_attention_rows(
+    query: Tensor,
+    key: Tensor,
+    scaling: float,
+    logit_mask: Tensor,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Softmax attention probabilities of a few query rows, float32, GQA-aware.
+
+    Args:
+        query: `[B, H, R, D]`; key: `[B, H_kv, K, D]` with `H % H_kv == 0` (query head `h` reads
+            key head `h // (H / H_kv)`, as `repeat_kv` lays them out).
+        logit_mask: additive, broadcastable to `[B, H, R, K]`.
+        bias: optional additive bias, broadcastable to `[B, H, R, K]`.
+
+    Returns:
+        `[B, H, R, K]` probabilities.
+    """
+    b, h, r, d = query.shape
+    h_kv = key.shape[1]
+    groups = h // h_kv
+    q = query.to(torch.float32).reshape(b, h_kv, groups * r, d)
+    logits = torch.matmul(q, key.to(torch.float32).transpose(-1, -2)).reshape(b, h, r, -1)
+    logits = logits * scaling + logit_mask
+    if bias is not None:
+        logits = logits + bias.to(torch.float32)
+    logits = logits.clamp_min(torch.finfo(torch.float32).min)
+    return torch.softmax(logits, dim=-1)
+
+
+def _apply_values(probs: Tensor, value: Tensor) -> Tensor:
+    """`probs @ V` with GQA: `[B, H, R, K] x [B, H_kv, K, D] -> [B, H, R, D]` (float32)."""
+    b, h, r, k = probs.shape
+    h_kv = value.shape[1]
+    out = torch.matmul(probs.reshape(b, h_kv, (h // h_kv) * r, k), value.to(torch.float32))
+    return out.reshape(b, h, r, -1)
+
+
+def _bias_block(biases: list[tuple[Tensor | None, Tensor]], rows: Tensor) -> Tensor:
+    """Sum the biases that touch query `rows` into one block broadcastable to `[B, H, R, K]`."""
+    block = torch.zeros((), dtype=torch.float32, device=rows.device)
+    for brows, bias in biases:
+        bias = bias.to(device=rows.device, dtype=torch.float32)
+        if bias.ndim < 2:
+            bias = bias.reshape(1, -1)
+        if brows is None:
+            part = bias if bias.shape[-2] == 1 else bias[..., rows, :]
+        else:
+            match = rows[:, None] == brows[None, :]  # [R, R_b]; brows are unique
+            hit = match.any(-1)
+            expanded = bias.expand(*bias.shape[:-2], len(brows), bias.shape[-1])
+            part = expanded[..., match.to(torch.float32).argmax(-1), :]
+            part = torch.where(hit[:, None], part, torch.zeros((), device=rows.device))
+        block = block + part
+    return block
+
+
+class _Session:
+    """One patched text decoder: the registered name, the hooks, and how to undo it."""
+
+    _counter = itertools.count()
+
+    def __init__(self, decoder: nn.Module):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.decoder = decoder
+        self.modules = text_attention_modules(decoder)
+        configs = {id(m.config): m.config for m in self.modules}
+        configs[id(decoder.config)] = decoder.config
+        self.configs = list(configs.values())
+        originals = {c._attn_implementation for c in self.configs}
+        if len(originals) != 1:
+            raise RuntimeError(f"text attention layers disagree on the attention implementation: {originals}")
+        self.original = originals.pop() or "eager"
+        if self.original.startswith("dyco_probe"):
+            raise RuntimeError("this model is already patched by another dyco_probe session")
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        self.base = ALL_ATTENTION_FUNCTIONS.get_interface(self.original, eager_attention_forward)
+        base_mask = (
+            ALL_MASK_ATTENTION_FUNCTIONS[self.original]
+            if self.original in ALL_MASK_ATTENTION_FUNCTIONS
+            else None
+        )
+        self.name = f"dyco_probe_{next(self._counter)}"
+        self.hooks: list[tuple[frozenset | None, AttentionHook]] = []
+        session = weakref.ref(self)
+
+        def attention_forward(module, query, key, value, attention_mask, **kwargs):
+            s = session()
+            return s.forward(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(self.name, attention_forward)
+        if base_mask is not None:
+            AttentionMaskInterface.register(self.name, base_mask)
+        self._registries = (AttentionInterface, AttentionMaskInterface)
+        self._saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in self.configs]
+        for c in self.configs:
+            c._attn_implementation_internal = self.name
+
+    def close(self) -> None:
+        for c, value in self._saved:
+            c._attn_implementation_internal = value
+        for registry in self._registries:
+            registry._global_mapping.pop(self.name, None)
+
+    def hooks_for(self, layer_idx: int) -> list[AttentionHook]:
+        return [h for layers, h in self.hooks if layers is None or layer_idx in layers]
+
+    def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        hooks = self.hooks_for(module.layer_idx)
+        if not hooks:
+            return self.base(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        scaling = module.scaling if scaling is None else scaling
+        q_len, k_len = query.shape[2], key.shape[2]
+        call = AttentionCall(
+            layer_idx=module.layer_idx,
+            module=module,
+            query=query,
+            key=key,
+            value=value,
+            mask=attention_mask,
+            scaling=scaling,
+            query_columns=torch.arange(k_len - q_len, k_len, device=query.device),
+        )
+        for hook in hooks:
+            hook(call)
+        if not call._biases and not call._requests:
+            return self.base(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+
+        if not call._biases:
+            # Observation only: the output is the base implementation's, untouched.
+            out, weights = self.base(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+            for rows, callback in call._requests:
+                callback(_probs_in_chunks(call, rows, None))
+            return out, weights
+        return _biased_forward(self.base, call, module, attention_mask, dropout, kwargs)
+
+
+def _probs_in_chunks(call: AttentionCall, rows: Tensor, biases) -> Tensor:
+    """Probabilities of query `rows`, computed `_ROW_CHUNK` rows at a time: `[B, H, R, K]`."""
+    parts = []
+    for start in range(0, len(rows), _ROW_CHUNK):
+        chunk = rows[start : start + _ROW_CHUNK]
+        bias = _bias_block(biases, chunk) if biases else None
+        parts.append(
+            explicit_attention_rows(
+                call.query[:, :, chunk], call.key, call.scaling, call.logit_mask(chunk), bias
+            )
+        )
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _biased_forward(base, call: AttentionCall, module, attention_mask, dropout, kwargs):
+    """Layer output with logit biases: biased rows recomputed explicitly, the rest from `base`."""
+    query, key, value = call.query, call.key, call.value
+    q_len = query.shape[2]
+    if any(rows is None for rows, _ in call._biases):
+        # A bias on every query row: the whole layer is computed eagerly (in row chunks).
+        biased = torch.arange(q_len, device=query.device)
+        shape = (query.shape[0], q_len, query.shape[1], value.shape[-1])
+        out, weights = torch.empty(shape, dtype=query.dtype, device=query.device), None
+    else:
+        out, weights = base(
+            module, query, key, value, attention_mask, scaling=call.scaling, dropout=dropout, **kwargs
+        )
+        out = out.clone()
+        weights = None if weights is None else weights.clone()
+        biased = torch.unique(torch.cat([rows for rows, _ in call._biases]))
+    kept: dict[int, Tensor] = {}
+    wanted = set(torch.cat([rows for rows, _ in call._requests]).tolist()) if call._requests else set()
+    for start in range(0, len(biased), _ROW_CHUNK):
+        chunk = biased[start : start + _ROW_CHUNK]
+        probs = _probs_in_chunks(call, chunk, call._biases)
+        out[:, chunk] = _apply_values(probs, value).to(out.dtype).transpose(1, 2)
+        if weights is not None:
+            weights[:, :, chunk] = probs.to(weights.dtype)
+        for j, row in enumerate(chunk.tolist()):
+            if row in wanted:
+                kept[row] = probs[:, :, j]
+    for rows, callback in call._requests:
+        missing = [r for r in rows.tolist() if r not in kept]
+        if missing:  # requested rows without a bias: softmax of the plain logits
+            extra = _probs_in_chunks(call, torch.tensor(missing, device=query.device), call._biases)
+            kept.update({r: extra[:, :, j] for j, r in enumerate(missing)})
+        callback(torch.stack([kept[r] for r in rows.tolist()], dim=2))
+    return out, weights
+
+
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, _Session] = weakref.WeakKeyDictionary()
+
+
+def _text_decoder(model: nn.Module) -> nn.Module:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if not hasattr(decoder, "layers"):
+        raise TypeError(f"cannot find the text decoder layers of {type(model).__name__}")
+    return decoder
+
+
+def text_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every text decoder layer, in layer order."""
+    decoder = _text_decoder(model)
+    modules = []
+    for layer in decoder.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not hasattr(attn, "layer_idx"):
+            raise TypeError(f"decoder layer {type(layer).__name__} has no self_attn with a layer_idx")
+        modules.append(attn)
+    return modules
+
+
+@contextlib.contextmanager
+def attention_hooks(
+    model: nn.Module, hook: AttentionHook, layers: Iterable[int] | None = None
+) -> Iterator[None]:
+    """Run `hook(call)` at the text decoder's attention `layers` (None: all) while the block runs.
+
+    The model's behaviour is unchanged unless the hook adds a logit bias; on exit every trace of
+    the patch is gone (`config._attn_implementation` restored, registry entries removed).
+    """
+    decoder = _text_decoder(model)
+    session = _SESSIONS.get(decoder)
+    created = session is None
+    if created:
+        session = _Session(decoder)
+        _SESSIONS[decoder] = session
+    entry = (None if layers is None else frozenset(int(i) for i in layers), hook)
+    session.hooks.append(entry)
+    try:
+        yield
+    finally:
+        session.hooks.remove(entry)
+        if created:
+            session.close()
+            del _SESSIONS[decoder]

@@ -1,0 +1,436 @@
+"""Tracing a model: online during `generate` (`Tracer`, `trace_generate`) or teacher-forced (`trace_offline`).
+
+Online, the tracer asks the shared attention function (`attention.py`) for one row per probed layer
+and forward pass, the last query's (the one whose logits produce the next token), and streams it
+into `StepSignals`. A forward pre-hook on the model sees each forward's inputs: the prefill (no
+cache yet) gives the prompt and hence the spans; each decode step gives the token fed back, `o_{t-1}`.
+
+Offline, one forward over `prompt ++ completion` yields the rows of all completion queries at once
+(from any backend) and the same `StepSignals` runs over them, so both modes agree.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from ..spans import Spans, image_token_id_of, spans_for_model
+from .attention import _text_decoder, attention_hooks, text_attention_modules
+from .config import TraceConfig
+from .signals import StepSignals, reduce_rows
+from .trace import SIGNAL_NAMES, Trace
+
+__all__ = ["Tracer", "trace_generate", "trace_offline"]
+
+_QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
+def _check_inputs(model, inputs: dict) -> None:
+    if "input_ids" not in inputs:
+        raise ValueError("tracing needs input_ids (the image spans are found from them)")
+    if getattr(model.config, "model_type", "") in _QWEN_VL_TYPES and inputs.get("mm_token_type_ids") is None:
+        raise ValueError(
+            "Qwen-VL inputs need mm_token_type_ids (0 text, 1 image); without them the model silently "
+            "falls back to 1-D positions"
+        )
+
+
+def _eos_ids(model, eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        gen = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config.get_text_config(), "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(x) for x in eos_token_id]
+
+
+def _completion_mask(token_ids: Tensor, eos: list[int]) -> Tensor:
+    """True up to and including the first EOS."""
+    if not eos or token_ids.shape[1] == 0:
+        return torch.ones_like(token_ids, dtype=torch.bool)
+    is_eos = torch.isin(token_ids, torch.tensor(eos, device=token_ids.device))
+    before = is_eos.long().cumsum(-1) - is_eos.long()  # EOS strictly before t
+    return before == 0
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("dyco-probe", "torch", "transformers", "nnsight", "transformer-lens"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            if pkg == "dyco-probe":
+                from .. import __version__
+
+                out[pkg] = __version__
+    return out
+
+
+class _Probe:
+    """Resolved settings for one model: layers, heads, image token id, eos ids."""
+
+    def __init__(self, model, config: TraceConfig, image_token_id, tokenizer, eos_token_id):
+        self.model = model
+        self.config = config
+        modules = text_attention_modules(_text_decoder(model))
+        self.num_layers = len(modules)
+        self.num_heads = model.config.get_text_config().num_attention_heads
+        self.layers = config.resolve_layers(self.num_layers)
+        self.heads = config.resolve_heads(self.num_heads)
+        self.image_token_id = image_token_id_of(model) if image_token_id is None else int(image_token_id)
+        self.tokenizer = tokenizer
+        self.eos = _eos_ids(model, eos_token_id)
+
+    def spans(self, inputs: dict) -> Spans:
+        _check_inputs(self.model, inputs)
+        return spans_for_model(
+            self.model,
+            inputs,
+            image_token_id=self.image_token_id,
+            on_missing_image=self.config.on_missing_image,
+        )
+
+    def signals(self, spans: Spans) -> StepSignals:
+        c = self.config
+        return StepSignals(spans, c.text_span, c.distance, keep_image_rows=c.image_rows, eps=c.eps)
+
+    def head_mean(self, probs: Tensor) -> Tensor:
+        if self.heads is not None:
+            probs = probs[:, list(self.heads)]
+        return probs.mean(dim=1)
+
+    def build(
+        self,
+        signals: StepSignals,
+        spans: Spans,
+        token_ids: Tensor,
+        mask: Tensor,
+        mode: str,
+        backend: str,
+        sample_ids: Sequence | None,
+    ) -> Trace:
+        res = signals.result()
+        nan = res["nan"] & mask.to(res["nan"].device)
+        if bool(nan.any()):
+            i, t = (int(x) for x in nan.nonzero()[0])
+            raise FloatingPointError(
+                f"NaN in the attention row of sample {i}, token {t} (layer(s) {self.layers})"
+            )
+        values = {k: res[k][..., 0] for k in SIGNAL_NAMES}
+        per_layer = {k: res[k][..., 1:] for k in SIGNAL_NAMES} if self.config.per_layer else None
+        texts = None
+        if self.tokenizer is not None:
+            texts = [[self.tokenizer.decode([int(x)]) for x in row] for row in token_ids.tolist()]
+        b = token_ids.shape[0]
+        if sample_ids is not None and len(sample_ids) != b:
+            raise ValueError(f"got {len(sample_ids)} sample ids for {b} samples")
+        samples = []
+        for i, summary in enumerate(spans.summary()):
+            sid = i if sample_ids is None else sample_ids[i]
+            sid = sid if isinstance(sid, (int, str)) else str(sid)
+            samples.append({"sample_id": sid, **summary, "completion_length": int(mask[i].sum())})
+        return Trace(
+            token_ids=token_ids.cpu(),
+            mask=mask.cpu(),
+            **{k: v.cpu() for k, v in values.items()},
+            token_text=texts,
+            layers=self.layers,
+            per_layer=None if per_layer is None else {k: v.cpu() for k, v in per_layer.items()},
+            image_rows=res["image_rows"].cpu() if "image_rows" in res else None,
+            image_rows_mask=res["image_rows_mask"].cpu() if "image_rows_mask" in res else None,
+            samples=samples,
+            metadata=self.metadata(mode, backend),
+        )
+
+    def metadata(self, mode: str, backend: str) -> dict:
+        config = self.model.config
+        return {
+            "model": getattr(config, "_name_or_path", "") or None,
+            "model_class": type(self.model).__name__,
+            "model_type": getattr(config, "model_type", None),
+            "mode": mode,
+            "backend": backend,
+            "settings": self.config.to_dict(),
+            "layers": list(self.layers),
+            "heads": None if self.heads is None else list(self.heads),
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "image_token_id": self.image_token_id,
+            "eos_token_id": self.eos,
+            "versions": _versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+class Tracer:
+    """Context manager that traces every `generate` call on `model` inside it (online, native).
+
+        with Tracer(model, TraceConfig(), image_token_id=...) as tr:
+            out = model.generate(**inputs, max_new_tokens=64)
+        trace = tr.finish(out)      # or tr.trace: same, with the last token's id unknown (-1)
+
+    Each prefill (a forward without cache) starts a new trace; `tr.trace` is the latest. The last
+    generated token is never fed back to the model, so its id comes from `finish(sequences)`; its
+    signals (from the previous position's query) are recorded like the others. Beam search is not
+    supported (it reorders the cache). On exit the model is exactly as before.
+    """
+
+    def __init__(
+        self,
+        model,
+        config: TraceConfig | None = None,
+        *,
+        image_token_id: int | None = None,
+        tokenizer=None,
+        eos_token_id: int | Sequence[int] | None = None,
+        sample_ids: Sequence | None = None,
+    ):
+        self.model = model
+        self.probe = _Probe(model, config or TraceConfig(), image_token_id, tokenizer, eos_token_id)
+        self.sample_ids = sample_ids
+        self._attn_ctx = None
+        self._pre_hook = None
+        self._spans: Spans | None = None
+        self._signals: StepSignals | None = None
+        self._fed: list[Tensor] = []
+        self._rows: list[Tensor] = []
+        self._row_sum: Tensor | None = None
+        self._active = False
+
+    @property
+    def config(self) -> TraceConfig:
+        return self.probe.config
+
+    def __enter__(self) -> Tracer:
+        self._attn_ctx = attention_hooks(self.model, self._on_attention, layers=self.probe.layers)
+        self._attn_ctx.__enter__()
+        try:
+            self._pre_hook = self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        except BaseException:
+            self._attn_ctx.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._pre_hook = None
+        if self._attn_ctx is not None:
+            self._attn_ctx.__exit__(*exc)
+            self._attn_ctx = None
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _on_forward(self, module, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if input_ids is None:  # an embeddings-only forward: not traced
+            self._active = False
+        elif past == 0:
+            inputs = {**kwargs, "input_ids": input_ids}
+            self._spans = self.probe.spans(inputs)
+            self._signals = self.probe.signals(self._spans)
+            self._fed = []
+            self._active = True
+        elif self._active:
+            if input_ids.shape[0] != self._spans.batch_size:
+                raise RuntimeError("the batch changed during generation (beam search is not supported)")
+            self._fed.append(input_ids[:, -1].detach())
+        self._rows, self._row_sum = [], None
+
+    def _on_attention(self, call) -> None:
+        if not self._active:
+            return
+        call.request_probs([call.num_queries - 1], partial(self._on_row, call.layer_idx))
+
+    def _on_row(self, layer: int, probs: Tensor) -> None:
+        row = self.probe.head_mean(probs[:, :, 0])  # [B, K]
+        if self.config.per_layer:
+            self._rows.append(row)
+        else:  # a running sum keeps memory independent of the number of probed layers
+            self._row_sum = row if self._row_sum is None else self._row_sum + row
+        if layer == self.probe.layers[-1]:
+            if self.config.per_layer:
+                block = reduce_rows(torch.stack(self._rows, dim=1), per_layer_output=True)
+            else:
+                block = (self._row_sum / len(self.probe.layers))[:, None]
+            self._signals.step(block)
+            self._rows, self._row_sum = [], None
+
+    # -- results -------------------------------------------------------------------------------
+
+    @property
+    def trace(self) -> Trace:
+        """The latest generation's trace; the last token's id is -1 unless `finish` was called."""
+        return self._build(None)
+
+    def finish(self, sequences) -> Trace:
+        """The latest generation's trace, with token ids from `generate`'s output (ids or a `GenerateOutput`)."""
+        sequences = getattr(sequences, "sequences", sequences)
+        return self._build(sequences)
+
+    def _build(self, sequences: Tensor | None) -> Trace:
+        if self._signals is None or self._spans is None:
+            raise RuntimeError("nothing traced: call model.generate inside the Tracer context")
+        steps = self._signals.num_steps
+        if steps == 0:
+            raise ValueError("no generation step was traced (empty completion)")
+        b, length = self._spans.batch_size, self._spans.prompt_length
+        device = self._spans.image.device
+        fed = torch.stack(self._fed[: steps - 1], dim=1) if steps > 1 else torch.zeros(b, 0, dtype=torch.long)
+        fed = fed.to(device)
+        last = torch.full((b, 1), -1, dtype=torch.long, device=device)
+        if sequences is not None:
+            if sequences.shape[1] < length + steps:
+                raise ValueError(f"sequences have {sequences.shape[1]} columns, expected {length + steps}")
+            last = sequences[:, length + steps - 1 : length + steps].to(device)
+        token_ids = torch.cat([fed, last], dim=1)
+        mask = _completion_mask(token_ids, self.probe.eos)  # needs only o_1..o_{T-1}
+        return self.probe.build(
+            self._signals, self._spans, token_ids, mask, "online", "native", self.sample_ids
+        )
+
+
+def trace_generate(
+    model,
+    inputs: dict,
+    *,
+    image_token_id: int | None = None,
+    tokenizer=None,
+    config: TraceConfig | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    sample_ids: Sequence | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    **generate_kwargs,
+) -> tuple[Trace, Tensor]:
+    """Generate from `inputs` and trace it online.
+
+    Args:
+        model: a Hugging Face VLM (Qwen2-VL / Qwen2.5-VL / LLaVA, or any model whose text decoder uses
+            `AttentionInterface`).
+        inputs: model inputs (`input_ids`, `attention_mask`, `pixel_values`, and for Qwen
+            `image_grid_thw` and `mm_token_type_ids`).
+        image_token_id: the image placeholder id (default: from the model config).
+        tokenizer: optional, for token text.
+        config: what to record.
+        max_new_tokens, do_sample, **generate_kwargs: passed to `model.generate` (no beam search).
+        sample_ids: optional ids stored with each sample.
+
+    Returns:
+        `(trace, completion_ids)`, the latter `[B, T]` (generate's output without the prompt).
+    """
+    if generate_kwargs.get("num_beams", 1) != 1:
+        raise ValueError("beam search is not supported by the tracer")
+    with Tracer(
+        model,
+        config,
+        image_token_id=image_token_id,
+        tokenizer=tokenizer,
+        eos_token_id=eos_token_id,
+        sample_ids=sample_ids,
+    ) as tracer:
+        tracer.probe.spans(inputs)  # check the inputs before generate trips over them
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
+    sequences = getattr(out, "sequences", out)
+    trace = tracer.finish(sequences)
+    return trace, sequences[:, inputs["input_ids"].shape[1] :]
+
+
+def _generation_position_ids(model, input_ids: Tensor, kwargs: dict) -> Tensor | None:
+    """Position ids as `generate` makes them (Qwen: 3-D mRoPE; others: from the attention mask)."""
+    prepare = getattr(model, "_prepare_position_ids_for_generation", None)
+    if prepare is None:
+        return None
+    return prepare(input_ids, dict(kwargs))
+
+
+def trace_offline(
+    model,
+    prompt_inputs: dict,
+    completion_ids: Tensor,
+    completion_mask: Tensor | None = None,
+    *,
+    image_token_id: int | None = None,
+    tokenizer=None,
+    config: TraceConfig | None = None,
+    backend: str = "native",
+    sample_ids: Sequence | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    **backend_options,
+) -> Trace:
+    """Trace given completions teacher-forced: one forward over `prompt ++ completion`.
+
+    Args:
+        model, image_token_id, tokenizer, config, sample_ids: as for `trace_generate`.
+        prompt_inputs: the prompt batch, as passed to `generate` (prompts padded to one length).
+        completion_ids: `[B, T]` completion tokens, right-padded, from any source.
+        completion_mask: `[B, T]` real tokens; default: up to and including the first EOS (as online).
+        backend: `"native"` (default), `"eager"`, `"nnsight"` or `"transformer_lens"`; see
+            `dyco_probe.tracing.backends`. `backend_options` go to it (e.g. `bridge=` for
+            transformer_lens).
+
+    Returns:
+        The `Trace`, equal (to float tolerance) to the online trace of the same tokens.
+    """
+    from .backends import get_backend
+
+    rows_fn = get_backend(backend)
+    probe = _Probe(model, config or TraceConfig(), image_token_id, tokenizer, eos_token_id)
+    spans = probe.spans(prompt_inputs)
+    prompt_ids = prompt_inputs["input_ids"]
+    b, length = prompt_ids.shape
+    completion_ids = completion_ids.to(prompt_ids.device)
+    if completion_ids.ndim != 2 or completion_ids.shape[0] != b:
+        raise ValueError(f"completion_ids must be [{b}, T], got {tuple(completion_ids.shape)}")
+    steps = completion_ids.shape[1]
+    if completion_mask is None:
+        completion_mask = _completion_mask(completion_ids, probe.eos)
+    completion_mask = completion_mask.to(device=prompt_ids.device, dtype=torch.bool)
+    empty = (~completion_mask.any(-1)).nonzero().flatten().tolist() if steps else list(range(b))
+    if empty:
+        raise ValueError(f"sample {empty[0]} has an empty completion")
+    placeholder = (
+        ((completion_ids == probe.image_token_id) & completion_mask).any(-1).nonzero().flatten().tolist()
+    )
+    if placeholder:
+        raise ValueError(
+            f"the completion of sample {placeholder[0]} contains the image placeholder id {probe.image_token_id}; "
+            "a teacher-forced forward would read it as an image"
+        )
+
+    prompt_mask = prompt_inputs.get("attention_mask")
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids)
+    inputs = {
+        k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask", "position_ids")
+    }
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    inputs["attention_mask"] = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
+    if inputs.get("mm_token_type_ids") is not None:
+        mm = inputs["mm_token_type_ids"]
+        inputs["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(completion_ids, dtype=mm.dtype)], dim=1)
+    position_ids = _generation_position_ids(model, input_ids, inputs)
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    inputs["input_ids"] = input_ids
+
+    query_columns = torch.arange(length - 1, length - 1 + steps, device=prompt_ids.device)
+    rows = rows_fn(
+        model, inputs, layers=probe.layers, heads=probe.heads, query_columns=query_columns, **backend_options
+    )
+    rows = reduce_rows(rows.to(torch.float32), probe.config.per_layer)  # [B, G, T, K]
+    signals = probe.signals(spans)
+    for t in range(steps):
+        signals.step(rows[:, :, t, : length + t])
+    return probe.build(signals, spans, completion_ids, completion_mask, "offline", backend, sample_ids)
