@@ -1,0 +1,379 @@
+"""The RL loop (dyco_probe.rl) on a tiny untrained built-in model: configuration checks, DyCo
+advantages, sampling with online tracing, every loss, gradient accumulation, checkpoints and exact
+resumption, metrics files and the CLI."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from dyco_probe.models.adapters import QWEN2_5_VL
+from dyco_probe.models.builtin import BuiltinArchitecture, build_untrained
+from dyco_probe.models.loading import ModelHandle
+from dyco_probe.rl import (
+    RLConfig,
+    Rollout,
+    Signals,
+    advantages_from_trace,
+    compute_rewards,
+    sample_rollout,
+    train,
+)
+from dyco_probe.scoring import ScorerConfig, dyco_advantages, group_advantages, score_tokens
+
+ARCH = BuiltinArchitecture(
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    vision_depth=1,
+    vision_hidden=32,
+    vision_heads=2,
+    vision_intermediate=64,
+)
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.set_num_threads(1)
+    return build_untrained(ARCH, seed=0)
+
+
+@pytest.fixture
+def handle(base):
+    model, processor = base
+    return ModelHandle(copy.deepcopy(model), processor, QWEN2_5_VL, "untrained")
+
+
+@pytest.fixture(scope="module")
+def examples():
+    from dyco_probe.data import synthetic_examples
+
+    return synthetic_examples("train", 12), synthetic_examples("test", 3)
+
+
+def parity_reward(completions, answers):
+    """A reward an untrained model can earn: 1 for an even number of words."""
+    return [float(len(c.split()) % 2 == 0) for c in completions]
+
+
+REWARDS = {"parity": parity_reward}
+
+
+def tiny_config(tmp_path, **kw):
+    """A few seconds per run: 2 prompts x 4 completions of <= 12 tokens."""
+    base = dict(
+        out_dir=str(tmp_path / "run"),
+        steps=2,
+        prompts_per_step=2,
+        num_generations=4,
+        max_new_tokens=12,
+        eval_max_new_tokens=8,
+        eval_every=1,
+        checkpoint_every=1,
+        reward_weights={"parity": 1.0},
+        tau_txt=0.0,  # an untrained model's dynamics are tiny: make roles non-neutral
+        lr=1e-3,
+    )
+    return RLConfig(**{**base, **kw})
+
+
+def run(handle, config, examples, **kw):
+    train_ex, eval_ex = examples
+    return train(
+        config,
+        handle,
+        reward_funcs=REWARDS,
+        train_examples=train_ex,
+        eval_examples=eval_ex,
+        progress=False,
+        **kw,
+    )
+
+
+def records(out_dir, kind="train"):
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def without_timing(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+
+# -- configuration -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"num_generations": 1}, "num_generations"),
+        ({"algo": "ppo"}, "unknown loss 'ppo'"),
+        ({"dyco": "tokens"}, "unknown DyCo granularity 'tokens'"),
+        ({"normalise_over": "device"}, "normalise_over"),
+        ({"prompts_per_step": 0}, "prompts_per_step"),
+        ({"grad_accum": 9, "prompts_per_step": 2, "num_generations": 4}, "grad_accum"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"reward_weights": {}}, "reward_weights"),
+    ],
+)
+def test_bad_config_is_rejected_when_built(kw, message):
+    with pytest.raises(ValueError, match=message):
+        RLConfig(**kw)
+
+
+def test_empty_dataset_fails_before_loading_a_model(tmp_path):
+    config = RLConfig(out_dir=str(tmp_path / "r"), model=str(tmp_path / "no-such-model"))
+    with pytest.raises(ValueError, match="training set is empty"):
+        train(config, train_examples=[], progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_reward_and_existing_run_fail_early(tmp_path):
+    config = RLConfig(
+        out_dir=str(tmp_path / "r"), model=str(tmp_path / "none"), reward_weights={"speed": 1.0}
+    )
+    with pytest.raises(ValueError, match="no reward function named"):
+        train(config, progress=False)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(RLConfig(out_dir=str(tmp_path / "r"), model="x"), train_examples=[object()], progress=False)
+
+
+def test_loss_defaults_follow_the_spec():
+    assert RLConfig(algo="grpo").kl_beta == 0.04
+    assert RLConfig(algo="dapo").kl_beta == 0.0 and RLConfig(algo="dapo").masks_truncated
+    assert not RLConfig(algo="grpo").masks_truncated
+    assert RLConfig(algo="dr_grpo", max_new_tokens=50).loss_config().max_completion_length == 50
+    assert not RLConfig(dyco="off").traces and RLConfig(dyco="off", trace_when_off=True).traces
+
+
+# -- DyCo: (trace, rewards) -> advantages ----------------------------------------------------------
+
+
+def random_signals(b=6, t=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r_vis, r_txt = torch.rand(b, t, generator=g), torch.rand(b, t, generator=g)
+    v_vis, v_txt = torch.rand(b, t, generator=g), torch.rand(b, t, generator=g)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    mask = torch.arange(t)[None] < lengths[:, None]
+    return Signals(r_vis, r_txt, v_vis, v_txt), mask
+
+
+@pytest.mark.parametrize("granularity", ["token", "sequence", "off"])
+def test_advantages_from_trace_is_the_scorer(granularity):
+    sig, mask = random_signals()
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    scorer = ScorerConfig(granularity=granularity)
+    adv, scored = advantages_from_trace(sig, rewards, groups, mask, scorer)
+    want_scored = score_tokens(sig.r_vis, sig.r_txt, sig.v_vis, sig.v_txt, mask, scorer, group_ids=groups)
+    torch.testing.assert_close(adv, dyco_advantages(rewards, groups, want_scored, mask, scorer))
+    torch.testing.assert_close(scored["s"], want_scored["s"])
+    assert (adv[~mask] == 0).all()
+
+
+def test_advantages_without_trace_are_group_advantages():
+    _, mask = random_signals()
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv, scored = advantages_from_trace(None, rewards, groups, mask, ScorerConfig(granularity="off"))
+    assert scored is None
+    want = group_advantages(rewards, groups)[:, None].expand(mask.shape) * mask
+    torch.testing.assert_close(adv, want)
+    with pytest.raises(ValueError, match="needs a trace"):
+        advantages_from_trace(None, rewards, groups, mask, ScorerConfig(granularity="token"))
+
+
+# -- sampling ----------------------------------------------------------------------------------------
+
+
+def test_rollout_signals_match_the_offline_trace(handle, examples):
+    from dyco_probe.tracing import trace_offline
+
+    torch.manual_seed(0)
+    exs = examples[0][:2]
+    ro = sample_rollout(handle, exs, 3, max_new_tokens=10)
+    assert ro.completion_ids.shape == ro.mask.shape == ro.signals.r_vis.shape
+    assert ro.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    eos = handle.tokenizer.eos_token_id
+    for ids, m, trunc in zip(ro.completion_ids, ro.mask, ro.truncated):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()
+        assert bool(trunc) == (ids[n - 1] != eos)
+    prompts = [handle.prompt(ex.question, 1) for ex in ro.examples]
+    inputs = handle.encode(prompts, [ex.load_images() for ex in ro.examples])
+    offline = trace_offline(
+        handle.model, inputs, ro.completion_ids, ro.mask, image_token_id=handle.image_token_id
+    )
+    for name in ("r_vis", "r_txt", "v_vis", "v_txt"):
+        torch.testing.assert_close(
+            getattr(ro.signals, name)[ro.mask], getattr(offline, name)[ro.mask], atol=1e-4, rtol=1e-3
+        )
+
+
+def test_rollout_without_tracing_and_cat_select(handle, examples):
+    torch.manual_seed(1)
+    a = compute_rewards(
+        sample_rollout(handle, examples[0][:2], 2, max_new_tokens=6, trace=False), REWARDS, {"parity": 1}
+    )
+    b = compute_rewards(
+        sample_rollout(handle, examples[0][2:3], 2, max_new_tokens=9, trace=False), REWARDS, {"parity": 1}
+    )
+    assert a.signals is None and a.rewards.shape == (4,)
+    both = Rollout.cat([a, b])
+    assert len(both) == 6 and both.group_ids.tolist() == [0, 0, 1, 1, 2, 2]
+    assert both.mask.shape[1] == max(a.mask.shape[1], b.mask.shape[1])
+    sub = both.select(torch.tensor([False, False, True, True, False, False]))
+    assert sub.texts == a.texts[2:] and torch.equal(sub.mask, a.mask[2:, : sub.mask.shape[1]])
+
+
+# -- training ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "algo, dyco, extra",
+    [
+        ("grpo", "token", {}),
+        ("grpo", "sequence", {"min_length": 4}),
+        ("grpo", "off", {}),
+        ("dr_grpo", "token", {}),
+        ("dapo", "token", {"dynamic_sampling": True, "mask_truncated": False}),
+        ("gspo", "sequence", {}),
+        ("sapo", "token", {"num_iterations": 2}),
+    ],
+)
+def test_every_loss_trains(handle, examples, tmp_path, algo, dyco, extra):
+    before = copy.deepcopy(handle.model.state_dict())
+    result = run(handle, tiny_config(tmp_path, algo=algo, dyco=dyco, **extra), examples)
+    rows = records(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(v == v for v in r.values() if isinstance(v, float)), r  # no NaN
+        assert ("role_text" in r) == (dyco != "off")
+    trained = [r for r in rows if not r.get("skipped")]
+    assert trained and any(r["grad_norm"] > 0 for r in trained)
+    changed = any(not torch.equal(v, handle.model.state_dict()[k]) for k, v in before.items())
+    assert changed
+    assert result.final_eval["step"] == 2 and result.initial_eval["step"] == 0
+    if algo == "sapo":
+        assert any(abs(r["ratio_mean"] - 1) > 1e-7 for r in trained)  # iteration 2 is off-policy
+
+
+def test_baseline_does_not_trace_unless_asked(handle, examples, tmp_path, monkeypatch):
+    import dyco_probe.tracing as tracing
+
+    class NoTracer:
+        def __init__(self, *a, **k):
+            raise AssertionError("dyco=off traced")
+
+    monkeypatch.setattr(tracing, "Tracer", NoTracer)
+    run(handle, tiny_config(tmp_path, dyco="off", steps=1), examples)
+    monkeypatch.undo()
+    run(handle, tiny_config(tmp_path / "b", dyco="off", steps=1, trace_when_off=True), examples)
+    assert "s_mean" in records(tmp_path / "b" / "run")[0]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dapo"])
+def test_gradient_accumulation_matches_the_whole_batch(base, examples, tmp_path, algo):
+    out = []
+    for accum in (1, 3):
+        model, processor = base
+        h = ModelHandle(copy.deepcopy(model), processor, QWEN2_5_VL, "untrained")
+        cfg = tiny_config(
+            tmp_path / str(accum), algo=algo, steps=1, grad_accum=accum, n_eval=0, mask_truncated=False
+        )
+        run(h, cfg, (examples[0], []))
+        out.append(records(tmp_path / str(accum) / "run")[0])
+    for key in ("loss", "grad_norm", "reward", "adv_abs"):
+        assert out[0][key] == pytest.approx(out[1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_dapo_masks_truncated_completions(handle, examples, tmp_path):
+    # 3 new tokens: every completion is truncated, so DAPO has no token to learn from.
+    run(handle, tiny_config(tmp_path, algo="dapo", steps=1, max_new_tokens=3), examples)
+    row = records(tmp_path / "run")[0]
+    assert row["truncated_fraction"] == 1.0 and row["loss_tokens"] == 0 and row["grad_norm"] == 0
+
+
+def test_resume_continues_exactly(base, examples, tmp_path):
+    def fresh():
+        model, processor = base
+        return ModelHandle(copy.deepcopy(model), processor, QWEN2_5_VL, "untrained")
+
+    straight = fresh()
+    run(straight, tiny_config(tmp_path / "a", steps=4, checkpoint_every=2), examples)
+
+    first = fresh()
+    run(first, tiny_config(tmp_path / "b", steps=2, checkpoint_every=2), examples)
+    # A run killed after logging step 3 but before its next checkpoint: step 3 must be redone.
+    with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "train", "step": 3, "reward": -1.0}) + "\n")
+    resumed = fresh()  # the initial model again: the policy comes from the checkpoint
+    result = run(resumed, tiny_config(tmp_path / "b", steps=4, checkpoint_every=2, resume=True), examples)
+    assert result.resumed_from == 2
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for kind in ("train", "eval"):
+        assert without_timing(records(tmp_path / "a" / "run", kind)) == without_timing(
+            records(tmp_path / "b" / "run", kind)
+        )
+
+
+def test_checkpoint_files_and_atomic_writes(handle, examples, tmp_path, monkeypatch):
+    run(handle, tiny_config(tmp_path, steps=1), examples)
+    out = tmp_path / "run"
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "rng", "step", "data_position"} <= set(state)
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert state["step"] == 1 and state["data_position"] == 2
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    wanted = ["reward", "parity", "kl", "clip_fraction", "completion_length", "role_visual", "role_text"]
+    wanted += ["s_mean", "w_std", "adv_std", "grad_norm", "time_generate", "time_score", "time_update"]
+    assert set(wanted) <= set(header), set(wanted) - set(header)
+    assert len((out / "eval.csv").read_text().splitlines()) == 3  # header, step 0, step 1
+    from dyco_probe.models.loading import load
+
+    assert load(out / "model").model.config.model_type == "qwen2_5_vl"
+
+    # A crash while writing the next checkpoint leaves the previous one intact.
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        run(handle, tiny_config(tmp_path, steps=2, resume=True), examples)
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+
+
+def test_cli_trains_and_reports_json(base, tmp_path, capsys):
+    from dyco_probe.cli import main
+
+    model, processor = base
+    ckpt = tmp_path / "model"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    args = ["train", "--model", str(ckpt), "--out", str(tmp_path / "run"), "--steps", "1", "--n-train", "4"]
+    args += ["--n-eval", "2", "--prompts-per-step", "1", "--num-generations", "2", "--max-new-tokens", "6"]
+    args += ["--eval-max-new-tokens", "6", "--algo", "dapo", "--dyco", "sequence", "--threads", "1"]
+    args += ["--json", "--quiet"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 1 and summary["final_eval"]["n"] == 2
+    assert main([*args, "--resume"]) == 0  # already finished: nothing to do, same answer
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["final_eval"] == summary["final_eval"] and again["resumed_from"] == 1
+
+    assert main(["train", "--num-generations", "1", "--json"]) == 2
+    out = capsys.readouterr().out
+    assert "num_generations (G) must be >= 2" in out
