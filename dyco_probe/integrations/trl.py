@@ -1,0 +1,217 @@
+"""DyCo advantage reweighting inside TRL's ``GRPOTrainer`` (TRL 1.x; ``pip install "dyco-probe[trl]"``).
+
+``DyCoGRPOTrainer`` is a ``GRPOTrainer`` that, after TRL has generated and rewarded a batch, traces
+the completions teacher-forced (one extra forward without gradient, like the reference model's),
+scores them with ``dyco_probe.scoring`` and hands TRL per-token advantages ``[B, T]`` instead of
+``[B]``. Everything else is TRL's: generation (transformers, vLLM), rewards, every ``loss_type``
+(``grpo``, ``dr_grpo``, ``dapo``, ``bnpo``, ``sapo``; GSPO is ``importance_sampling_level="sequence"``),
+accelerate / DeepSpeed / FSDP, checkpoints and logging. Tracing recomputes the attention from the
+generated ids, so it works whatever generated them.
+
+    from trl import GRPOConfig
+    from dyco_probe.integrations.trl import DyCoGRPOTrainer, as_trl_reward, synthetic_dataset
+    from dyco_probe.rewards import accuracy_reward, format_reward
+    from dyco_probe.scoring import ScorerConfig
+
+    trainer = DyCoGRPOTrainer(
+        model="path/to/Qwen2.5-VL-3B-Instruct",
+        reward_funcs=[as_trl_reward(accuracy_reward), as_trl_reward(format_reward)],
+        args=GRPOConfig(output_dir="runs/trl", num_generations=8, max_completion_length=256),
+        train_dataset=synthetic_dataset("train", 1000),
+        dyco=ScorerConfig(granularity="token", alpha=0.2),
+    )
+    trainer.train()
+
+With several processes, token-level weights need only each process's own completions; sequence
+scores normalised over the group gather the group's scores across processes first (a group's
+completions may be spread over processes), so every process sees the same statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from trl import GRPOTrainer
+
+from dyco_probe.roles import Role
+from dyco_probe.scoring import ScorerConfig, reweight_advantages, score_tokens
+
+__all__ = ["DyCoGRPOTrainer", "as_trl_reward", "synthetic_dataset"]
+
+
+def _completion_text(completion) -> str:
+    """TRL passes completions as strings or as conversational message lists."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m["content"] if isinstance(m["content"], str) else "" for m in completion)
+
+
+def as_trl_reward(func: Callable, answer_column: str = "answer") -> Callable:
+    """Wrap a dyco_probe reward ``(completions, answers) -> list[float]`` as a TRL reward function
+    ``(prompts, completions, **columns) -> list[float]``, reading answers from ``answer_column``."""
+
+    def reward(prompts=None, completions=None, **kwargs):
+        answers = kwargs.get(answer_column)
+        if answers is None:
+            raise KeyError(f"the dataset has no {answer_column!r} column for reward {func.__name__}")
+        return func([_completion_text(c) for c in completions], list(answers))
+
+    reward.__name__ = getattr(func, "__name__", "reward")
+    return reward
+
+
+def synthetic_dataset(split: str, n: int, config=None):
+    """The synthetic task as a ``datasets.Dataset`` in TRL's conversational VLM format:
+    ``prompt`` (a user turn with an image slot and the question), ``image`` and ``answer``."""
+    from datasets import Dataset
+
+    from dyco_probe.data import synthetic_examples
+    from dyco_probe.models.adapters import IMAGE_TAG
+
+    rows = []
+    for ex in synthetic_examples(split, n, config):
+        question = ex.question.replace(IMAGE_TAG, "").strip()
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": content}],
+                "image": ex.load_images()[0],
+                "answer": ex.answer,
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+class DyCoGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with DyCo per-token advantages (SPEC §6).
+
+    Args:
+        *args, **kwargs: as for ``trl.GRPOTrainer``.
+        dyco: the scorer's settings; ``granularity="off"`` makes this exactly ``GRPOTrainer``.
+        trace_config: what to trace (``dyco_probe.tracing.TraceConfig``; default: last layer, all heads).
+        image_token_id: the image placeholder id (default: from the model config).
+
+    TRL's own group advantages (its ``scale_rewards`` included) are the ``Â`` that DyCo reweights.
+    Logged per step: ``dyco/role_visual``, ``dyco/role_text``, ``dyco/s_mean``, ``dyco/w_std``,
+    ``dyco/sequence_score_std`` and ``dyco/advantage_abs``.
+    """
+
+    def __init__(
+        self,
+        *args,
+        dyco: ScorerConfig | None = None,
+        trace_config=None,
+        image_token_id: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.dyco = dyco or ScorerConfig()
+        self.trace_config = trace_config
+        self.dyco_image_token_id = image_token_id
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.dyco.granularity == "off":
+            return output
+        trace = self._trace(output)
+        mask = trace.mask.to(output["completion_ids"].device)
+        scored = score_tokens(trace.r_vis, trace.r_txt, trace.v_vis, trace.v_txt, trace.mask, self.dyco)
+        scored = {k: v.to(mask.device) for k, v in scored.items()}
+        output["advantages"] = self._reweight(output["advantages"], scored, mask)
+        self._log_dyco(scored, mask, output["advantages"], output["completion_mask"].bool())
+        return output
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    def _trace(self, output):
+        """Teacher-forced trace of the batch's completions under the current (sampling) policy."""
+        from dyco_probe.tracing import trace_offline
+
+        prompt_len = output["prompt_ids"].shape[1]
+        prompt_inputs = {"input_ids": output["prompt_ids"], "attention_mask": output["prompt_mask"]}
+        for key in ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask"):
+            if key in output:
+                prompt_inputs[key] = output[key]
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in output:
+                prompt_inputs[key] = output[key][:, :prompt_len]
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                # The mask is recomputed from the EOS ids: TRL's completion_mask may have masked
+                # truncated completions out entirely, and the tracer needs every row non-empty.
+                return trace_offline(
+                    model,
+                    prompt_inputs,
+                    output["completion_ids"],
+                    image_token_id=self.dyco_image_token_id,
+                    config=self.trace_config,
+                    eos_token_id=list(self.eos_token_ids),
+                )
+        finally:
+            model.train(was_training)
+
+    def _reweight(self, advantages: torch.Tensor, scored: dict, mask: torch.Tensor) -> torch.Tensor:
+        c = self.dyco
+        s, roles = scored["s"], scored["roles"]
+        if c.granularity == "sequence" and c.normalise_over == "group" and self.accelerator.num_processes > 1:
+            # z-score sequence scores over whole groups, which may straddle processes.
+            acc = self.accelerator
+            b, t = mask.shape
+            pad = lambda x: acc.pad_across_processes(x, dim=1)  # noqa: E731
+            all_s, all_roles, all_mask = (
+                acc.gather(pad(s)),
+                acc.gather(pad(roles)),
+                acc.gather(pad(mask.long())),
+            )
+            all_adv = acc.gather(advantages)
+            groups = torch.arange(all_adv.shape[0], device=all_adv.device) // self.num_generations
+            full = reweight_advantages(
+                all_adv,
+                all_s,
+                all_roles,
+                all_mask.bool(),
+                granularity="sequence",
+                alpha=c.alpha,
+                group_ids=groups,
+                normalise_over="group",
+                min_length=c.min_length,
+                clamp=c.clamp,
+            )
+            start = acc.process_index * b
+            return full[start : start + b, :t]
+        # Groups are whole within a local batch when it is a multiple of G; "batch" is per process
+        # (as in the published code).
+        groups = torch.arange(advantages.shape[0], device=advantages.device) // self.num_generations
+        return reweight_advantages(
+            advantages,
+            s,
+            roles,
+            mask,
+            granularity=c.granularity,
+            alpha=c.alpha,
+            group_ids=groups,
+            normalise_over=c.normalise_over,
+            min_length=c.min_length,
+            clamp=c.clamp,
+        )
+
+    def _log_dyco(self, scored: dict, mask: torch.Tensor, advantages: torch.Tensor, loss_mask: torch.Tensor):
+        mode = "train" if self.model.training else "eval"
+        roles = scored["roles"][mask]
+        n = max(int(mask.sum()), 1)
+        local = {
+            "dyco/role_visual": float((roles == Role.VISUAL).sum()) / n,
+            "dyco/role_text": float((roles == Role.TEXT).sum()) / n,
+            "dyco/s_mean": float(scored["s"][mask].sum()) / n,
+            "dyco/w_std": float(scored["w"][mask].std()) if n > 1 else 0.0,
+            "dyco/sequence_score_std": float(scored["sequence_score"].std()) if mask.shape[0] > 1 else 0.0,
+            "dyco/advantage_abs": float(advantages[loss_mask].abs().mean()) if loss_mask.any() else 0.0,
+        }
+        values = torch.tensor(list(local.values()), device=self.accelerator.device)
+        values = self.accelerator.gather(values.unsqueeze(0)).mean(0)
+        for key, value in zip(local, values.tolist()):
+            self._metrics[mode][key].append(value)

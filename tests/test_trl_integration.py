@@ -1,0 +1,128 @@
+"""DyCoGRPOTrainer (dyco_probe.integrations.trl): two TRL training steps on CPU with a tiny built-in
+model, per-token advantages injected as the scorer defines them."""
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # deprecations inside transformers
+
+from trl import GRPOConfig  # noqa: E402
+
+from dyco_probe.integrations.trl import DyCoGRPOTrainer, as_trl_reward, synthetic_dataset  # noqa: E402
+from dyco_probe.models.builtin import BuiltinArchitecture, build_untrained  # noqa: E402
+from dyco_probe.scoring import ScorerConfig  # noqa: E402
+
+ARCH = BuiltinArchitecture(
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    vision_depth=1,
+    vision_hidden=32,
+    vision_intermediate=64,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny model: TRL builds its reference model from the policy's path."""
+    from dyco_probe.models.loading import load
+
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("tiny")
+    model, processor = build_untrained(ARCH, seed=0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path), load(path).processor
+
+
+def word_count_reward(completions, answers):
+    """Rewards longer completions: it has a spread even for an untrained model."""
+    return [len(c.split()) / 10 for c in completions]
+
+
+def make_trainer(checkpoint, tmp_path, dyco, cls=DyCoGRPOTrainer, **kw):
+    path, processor = checkpoint
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        num_generations=4,
+        per_device_train_batch_size=4,
+        max_completion_length=10,
+        max_steps=2,
+        learning_rate=1e-4,
+        beta=0.04,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        **kw,
+    )
+    return cls(
+        model=path,
+        processing_class=processor,
+        reward_funcs=[as_trl_reward(word_count_reward)],
+        args=args,
+        train_dataset=synthetic_dataset("train", 8),
+        dyco=dyco,
+    )
+
+
+class Spy(DyCoGRPOTrainer):
+    """Records TRL's sequence advantages and what DyCo made of them."""
+
+    seen: list
+
+    def _reweight(self, advantages, scored, mask):
+        out = super()._reweight(advantages, scored, mask)
+        self.seen.append((advantages.clone(), scored, mask.clone(), out.clone()))
+        return out
+
+
+def test_token_advantages_are_injected(checkpoint, tmp_path):
+    alpha = 0.5
+    trainer = make_trainer(
+        checkpoint, tmp_path, ScorerConfig(granularity="token", alpha=alpha, tau_txt=0.0), cls=Spy
+    )
+    trainer.seen = []
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert len(trainer.seen) == 2
+    for seq_adv, scored, mask, adv in trainer.seen:
+        assert adv.shape == mask.shape and seq_adv.dim() == 1
+        w = scored["w"]
+        torch.testing.assert_close(w.sum(-1), mask.sum(-1).float())  # w_t averages 1 over a completion
+        want = (1 + alpha * w) * seq_adv[:, None] * mask
+        torch.testing.assert_close(adv, want)
+    logs = trainer.state.log_history
+    assert all("dyco/role_text" in r and "dyco/s_mean" in r for r in logs if "loss" in r)
+    assert any(not torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_sequence_granularity_and_dapo_loss(checkpoint, tmp_path):
+    dyco = ScorerConfig(granularity="sequence", alpha=0.2, tau_txt=0.0)
+    trainer = make_trainer(
+        checkpoint, tmp_path, dyco, cls=Spy, loss_type="dapo", mask_truncated_completions=True
+    )
+    trainer.seen = []
+    trainer.train()
+    for seq_adv, _, mask, adv in trainer.seen:
+        factor = adv[:, 0] / seq_adv  # one factor per completion, in the clamp range
+        assert ((factor > 0.8 - 1e-5) & (factor < 1.2 + 1e-5)).all()
+        torch.testing.assert_close(adv, factor[:, None] * seq_adv[:, None] * mask)
+
+
+def test_off_is_plain_grpo(checkpoint, tmp_path):
+    trainer = make_trainer(checkpoint, tmp_path, ScorerConfig(granularity="off"))
+    captured = []
+    original = trainer._generate_and_score_completions
+
+    def spy(inputs):
+        out = original(inputs)
+        captured.append(out["advantages"])
+        return out
+
+    trainer._generate_and_score_completions = spy
+    trainer.train()
+    assert captured and all(a.dim() == 1 for a in captured)
+    assert not any("dyco/s_mean" in r for r in trainer.state.log_history)
