@@ -377,3 +377,14 @@ def test_cli_trains_and_reports_json(base, tmp_path, capsys):
     assert main(["train", "--num-generations", "1", "--json"]) == 2
     out = capsys.readouterr().out
     assert "num_generations (G) must be >= 2" in out
+
+
+def test_sampling_never_emits_image_placeholders(handle, examples, tmp_path):
+    # Make the image token the model's favourite output (tied embeddings: its logit dominates).
+    image_id = handle.image_token_id
+    with torch.no_grad():
+        handle.model.get_input_embeddings().weight[image_id] *= 100
+    torch.manual_seed(0)
+    ro = sample_rollout(handle, examples[0][:2], 2, max_new_tokens=8, trace=False)
+    assert not (ro.completion_ids[ro.mask] == image_id).any()
+    run(handle, tiny_config(tmp_path, steps=1, n_eval=0), (examples[0], []))  # teacher forcing works
