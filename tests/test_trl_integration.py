@@ -126,3 +126,25 @@ def test_off_is_plain_grpo(checkpoint, tmp_path):
     trainer.train()
     assert captured and all(a.dim() == 1 for a in captured)
     assert not any("dyco/s_mean" in r for r in trainer.state.log_history)
+
+
+def test_command_line_entry_point_on_a_jsonl(checkpoint, tmp_path):
+    from dyco_probe.data import synthetic_examples, write_jsonl
+    from dyco_probe.integrations.trl import main
+
+    data = write_jsonl(synthetic_examples("train", 4), tmp_path / "train.jsonl")
+    argv = ["--model", checkpoint[0], "--data", str(data), "--granularity", "sequence", "--tau_txt", "0"]
+    argv += [
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--num_generations",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+    ]
+    argv += ["--max_completion_length", "6", "--max_steps", "1", "--use_cpu", "--report_to", "none"]
+    argv += ["--save_strategy", "no", "--logging_steps", "1"]
+    trainer = main(argv)
+    assert trainer.dyco.granularity == "sequence"
+    assert "dyco/s_mean" in trainer.state.log_history[0]
+    assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "tokenizer.json").exists()

@@ -30,6 +30,7 @@ completions may be spread over processes), so every process sees the same statis
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from trl import GRPOTrainer
@@ -37,7 +38,7 @@ from trl import GRPOTrainer
 from dyco_probe.roles import Role
 from dyco_probe.scoring import ScorerConfig, reweight_advantages, score_tokens
 
-__all__ = ["DyCoGRPOTrainer", "as_trl_reward", "synthetic_dataset"]
+__all__ = ["DyCoArguments", "DyCoGRPOTrainer", "as_trl_reward", "jsonl_dataset", "main", "synthetic_dataset"]
 
 
 def _completion_text(completion) -> str:
@@ -61,26 +62,34 @@ def as_trl_reward(func: Callable, answer_column: str = "answer") -> Callable:
     return reward
 
 
+def _row(ex) -> dict:
+    """One TRL row: a conversational prompt with an image slot per ``<image>`` tag, its images and answer."""
+    from dyco_probe.models.adapters import split_image_tags
+
+    content = [
+        {"type": "image"} if p is None else {"type": "text", "text": p} for p in split_image_tags(ex.question)
+    ]
+    return {"prompt": [{"role": "user", "content": content}], "images": ex.load_images(), "answer": ex.answer}
+
+
 def synthetic_dataset(split: str, n: int, config=None):
     """The synthetic task as a ``datasets.Dataset`` in TRL's conversational VLM format:
-    ``prompt`` (a user turn with an image slot and the question), ``image`` and ``answer``."""
+    ``prompt`` (a user turn with image slots and the question), ``images`` and ``answer``."""
     from datasets import Dataset
 
     from dyco_probe.data import synthetic_examples
-    from dyco_probe.models.adapters import IMAGE_TAG
 
-    rows = []
-    for ex in synthetic_examples(split, n, config):
-        question = ex.question.replace(IMAGE_TAG, "").strip()
-        content = [{"type": "image"}, {"type": "text", "text": question}]
-        rows.append(
-            {
-                "prompt": [{"role": "user", "content": content}],
-                "image": ex.load_images()[0],
-                "answer": ex.answer,
-            }
-        )
-    return Dataset.from_list(rows)
+    return Dataset.from_list([_row(ex) for ex in synthetic_examples(split, n, config)])
+
+
+def jsonl_dataset(path: str, n: int | None = None):
+    """A VLM-R1 jsonl file (``dyco_probe.data.read_jsonl``) as a TRL dataset, like ``synthetic_dataset``."""
+    from datasets import Dataset
+
+    from dyco_probe.data import read_jsonl
+
+    examples = read_jsonl(path)
+    return Dataset.from_list([_row(ex) for ex in (examples[:n] if n else examples)])
 
 
 class DyCoGRPOTrainer(GRPOTrainer):
@@ -116,7 +125,10 @@ class DyCoGRPOTrainer(GRPOTrainer):
             return output
         trace = self._trace(output)
         mask = trace.mask.to(output["completion_ids"].device)
-        scored = score_tokens(trace.r_vis, trace.r_txt, trace.v_vis, trace.v_txt, trace.mask, self.dyco)
+        groups = torch.arange(mask.shape[0]) // self.num_generations
+        scored = score_tokens(
+            trace.r_vis, trace.r_txt, trace.v_vis, trace.v_txt, trace.mask, self.dyco, group_ids=groups
+        )
         scored = {k: v.to(mask.device) for k, v in scored.items()}
         output["advantages"] = self._reweight(output["advantages"], scored, mask)
         self._log_dyco(scored, mask, output["advantages"], output["completion_mask"].bool())
@@ -215,3 +227,84 @@ class DyCoGRPOTrainer(GRPOTrainer):
         values = self.accelerator.gather(values.unsqueeze(0)).mean(0)
         for key, value in zip(local, values.tolist()):
             self._metrics[mode][key].append(value)
+
+
+# -- command line: python -m dyco_probe.integrations.trl (or accelerate launch -m ...) ---------------
+
+
+@dataclass
+class DyCoArguments:
+    """What the TRL entry point adds to ``GRPOConfig``'s own options."""
+
+    model: str = field(default="builtin", metadata={"help": "'builtin' or a local checkpoint directory"})
+    data: str | None = field(default=None, metadata={"help": "VLM-R1 jsonl; default: the synthetic task"})
+    n_train: int = field(
+        default=2000, metadata={"help": "training examples (synthetic, or the first of --data)"}
+    )
+    granularity: str = field(default="token", metadata={"help": "DyCo: token, sequence or off"})
+    alpha: float = field(default=0.2, metadata={"help": "DyCo reweighting strength"})
+    normalise_over: str = field(default="group", metadata={"help": "sequence scores: group or batch"})
+    min_length: int = field(default=0, metadata={"help": "sequence scores: anti-collapse length guard"})
+    tau_vis: float = field(default=0.0, metadata={"help": "visual role threshold"})
+    tau_txt: float = field(default=0.05, metadata={"help": "text role threshold"})
+    trace_layers: str | None = field(
+        default=None, metadata={"help": "probed layers: 'all' or 'i,j' (default last)"}
+    )
+
+
+def _load_processor(source: str):
+    """The model's processor without loading its weights (``builtin``: the shipped one)."""
+    import json
+
+    from dyco_probe.models import loading
+    from dyco_probe.models.adapters import adapter_for
+
+    path = loading._resolve(source)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+    return loading._load_processor(path, adapter_for(model_type)), str(path)
+
+
+def main(argv: list[str] | None = None):
+    """``python -m dyco_probe.integrations.trl [DyCo options] [GRPOConfig options]``: train with
+    ``DyCoGRPOTrainer`` on the synthetic task or a jsonl, accuracy + format rewards. Returns the trainer."""
+    from transformers import HfArgumentParser
+    from trl import GRPOConfig
+
+    from dyco_probe.rewards import accuracy_reward, format_reward
+    from dyco_probe.tracing import TraceConfig
+
+    parser = HfArgumentParser((DyCoArguments, GRPOConfig))
+    dyco_args, grpo_args = parser.parse_args_into_dataclasses(args=argv)
+    processor, path = _load_processor(dyco_args.model)
+    if dyco_args.data:
+        dataset = jsonl_dataset(dyco_args.data, dyco_args.n_train)
+    else:
+        dataset = synthetic_dataset("train", dyco_args.n_train)
+    layers = dyco_args.trace_layers
+    if layers not in (None, "all"):
+        layers = tuple(int(x) for x in layers.split(","))
+    trainer = DyCoGRPOTrainer(
+        model=path,
+        processing_class=processor,
+        reward_funcs=[as_trl_reward(accuracy_reward), as_trl_reward(format_reward)],
+        args=grpo_args,
+        train_dataset=dataset,
+        dyco=ScorerConfig(
+            granularity=dyco_args.granularity,
+            alpha=dyco_args.alpha,
+            normalise_over=dyco_args.normalise_over,
+            min_length=dyco_args.min_length,
+            tau_vis=dyco_args.tau_vis,
+            tau_txt=dyco_args.tau_txt,
+        ),
+        trace_config=TraceConfig(layers=layers),
+    )
+    trainer.train(resume_from_checkpoint=grpo_args.resume_from_checkpoint)
+    trainer.save_model(grpo_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(grpo_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
