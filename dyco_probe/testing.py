@@ -226,6 +226,25 @@ def _is_qwen(model) -> bool:
     return getattr(model.config, "model_type", "") in ("qwen2_vl", "qwen2_5_vl")
 
 
+def _special_ids(model) -> dict[str, int | None]:
+    """Special ids from the model config, falling back to `TINY_TOKENS` (so any Qwen-VL / LLaVA config works)."""
+    config, text = model.config, model.config.get_text_config()
+    gen = getattr(model, "generation_config", None)
+
+    def first(*values):
+        return next((int(v) for v in values if isinstance(v, int)), None)
+
+    return {
+        "pad": first(getattr(gen, "pad_token_id", None), text.pad_token_id, TINY_TOKENS.pad),
+        "bos": first(text.bos_token_id, TINY_TOKENS.bos),
+        "image": first(getattr(config, "image_token_id", None), getattr(config, "image_token_index", None)),
+        "video": first(getattr(config, "video_token_id", None)),
+        "vision_start": first(getattr(config, "vision_start_token_id", None)),
+        "vision_end": first(getattr(config, "vision_end_token_id", None)),
+        "eos": first(getattr(gen, "eos_token_id", None), text.eos_token_id),
+    }
+
+
 def tiny_batch(
     model,
     batch_size: int = 2,
@@ -240,7 +259,8 @@ def tiny_batch(
     """Model inputs for a batch of random prompts, as tensors, ready for `model(**batch)` / `model.generate(**batch)`.
 
     Each prompt is `prefix text, image, text, image, ..., question text`; Qwen images are wrapped in
-    vision-start/end tokens, LLaVA prompts start with BOS. `question_lengths` is either one length per
+    vision-start/end tokens, LLaVA prompts start with BOS. Special ids come from the model's config,
+    so any Qwen-VL or LLaVA model works; text ids are random non-special ids. `question_lengths` is either one length per
     sample or a `(low, high)` range drawn per sample (ragged prompts, hence padding). `image_sizes` is
     `(height, width)` in pixels per image of a prompt (Qwen only: multiples of 28; default 56x84, i.e. 6
     tokens, then 56x56, i.e. 4 tokens). LLaVA images are the tower's fixed size.
@@ -251,7 +271,7 @@ def tiny_batch(
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     gen = torch.Generator().manual_seed(seed)
-    tok = TINY_TOKENS
+    ids = _special_ids(model)
     vocab = model.config.get_text_config().vocab_size
     qwen = _is_qwen(model)
 
@@ -261,8 +281,12 @@ def tiny_batch(
     if len(question_lengths) != batch_size:
         raise ValueError(f"got {len(question_lengths)} question lengths for batch_size={batch_size}")
 
+    special = {v for v in ids.values() if v is not None}
+    first = TINY_TOKENS.first_text if vocab > TINY_TOKENS.first_text else 0
+    allowed = torch.tensor([i for i in range(first, vocab) if i not in special])
+
     def text(n: int) -> list[int]:
-        return torch.randint(tok.first_text, vocab, (n,), generator=gen).tolist()
+        return allowed[torch.randint(0, len(allowed), (n,), generator=gen)].tolist()
 
     if qwen:
         sizes = image_sizes or [(56, 84), (56, 56)][:images_per_prompt]
@@ -280,15 +304,16 @@ def tiny_batch(
 
     rows = []
     for i in range(batch_size):
-        ids = ([] if qwen else [tok.bos]) + text(prefix_length)
+        row = ([] if qwen else [ids["bos"]]) + text(prefix_length)
         for k, n in enumerate(tokens_per_image):
             if k:
-                ids += text(2)
-            ids += [tok.vision_start] + [tok.image] * n + [tok.vision_end] if qwen else [tok.image] * n
-        rows.append(ids + text(question_lengths[i]))
+                row += text(2)
+            image = [ids["image"]] * n
+            row += [ids["vision_start"], *image, ids["vision_end"]] if qwen else image
+        rows.append(row + text(question_lengths[i]))
 
     length = max(len(r) for r in rows)
-    input_ids = torch.full((batch_size, length), tok.pad, dtype=torch.long)
+    input_ids = torch.full((batch_size, length), ids["pad"], dtype=torch.long)
     attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
     for i, r in enumerate(rows):
         cols = slice(length - len(r), length) if padding_side == "left" else slice(0, len(r))
@@ -303,7 +328,7 @@ def tiny_batch(
         n_patches = int(grid_thw.prod(-1).sum())
         batch["pixel_values"] = torch.randn(n_patches, patch_dim, generator=gen)
         batch["image_grid_thw"] = grid_thw
-        batch["mm_token_type_ids"] = (input_ids == tok.image).long()
+        batch["mm_token_type_ids"] = ((input_ids == ids["image"]) & attention_mask.bool()).long()
     else:
         size = model.config.vision_config.image_size
         batch["pixel_values"] = torch.randn(n_images, 3, size, size, generator=gen)

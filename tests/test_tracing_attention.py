@@ -166,3 +166,39 @@ def test_trace_generate_is_unchanged_by_an_outer_zero_bias(model, batch):
     assert torch.allclose(inner.r_vis, plain.r_vis, atol=1e-6) and torch.allclose(
         inner.v_txt, plain.v_txt, atol=1e-5
     )
+
+
+def test_logits_and_output_edits(model, batch):
+    seen = {}
+
+    def hook(call):
+        seen["logits"] = call.logits([-1])
+        call.request_probs([-1], lambda p: seen.__setitem__("probs", p))
+
+    with torch.no_grad(), attention_hooks(model, hook, layers=[1]):
+        model(**batch)
+    assert torch.allclose(torch.softmax(seen["logits"], -1), seen["probs"], atol=1e-7)
+
+    with torch.no_grad():
+        plain = model(**batch).logits
+        with attention_hooks(model, lambda call: call.edit_output(lambda out: out), layers=[1]):
+            same = model(**batch).logits
+        assert torch.equal(same, plain)
+
+        def zero_head_last_row(out):  # [B, Q, H, D]: patch head 2 of the last query row
+            out = out.clone()
+            out[:, -1, 2] = 0
+            return out
+
+        with attention_hooks(model, lambda call: call.edit_output(zero_head_last_row), layers=[3]):
+            patched = model(**batch).logits
+    assert torch.equal(patched[:, :-1], plain[:, :-1]) and not torch.allclose(patched[:, -1], plain[:, -1])
+
+
+def test_an_eager_model_traces_like_an_sdpa_one(batch):
+    sdpa, eager = tiny_qwen2_5_vl(seed=4), tiny_qwen2_5_vl(seed=4, attn_implementation="eager")
+    a, completion = trace_generate(sdpa, batch, max_new_tokens=4, config=TraceConfig(layers="all"))
+    b, same = trace_generate(eager, batch, max_new_tokens=4, config=TraceConfig(layers="all"))
+    assert torch.equal(completion, same)
+    assert torch.allclose(a.r_vis, b.r_vis, atol=1e-5) and torch.allclose(a.v_txt, b.v_txt, atol=1e-5)
+    assert eager.config.get_text_config()._attn_implementation == "eager"

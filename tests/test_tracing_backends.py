@@ -88,3 +88,10 @@ def test_transformer_lens_boots_from_a_directory_without_torchvision(tmp_path):
     offline = trace_offline(model, batch, completion, online.mask, backend="transformer_lens", bridge=bridge)
     for k in SIGNAL_NAMES:
         assert torch.allclose(getattr(offline, k)[online.mask], getattr(online, k)[online.mask], atol=1e-5), k
+
+
+def test_transformer_lens_refuses_qwen2_vl_clearly():
+    from dyco_probe.testing import tiny_qwen2_vl
+
+    with pytest.raises(NotImplementedError, match="Qwen2VLForConditionalGeneration"):
+        boot_bridge(tiny_qwen2_vl())

@@ -1,23 +1,45 @@
 """The attention function that both traces and intervenes.
 
-`attention_hooks(model, hook)` swaps the attention of the model's **text decoder** (the vision tower
-keeps its own) for a function registered with `transformers.AttentionInterface` under a private
-name, and calls `hook(call)` at every chosen layer with an `AttentionCall`. The hook can
+`attention_hooks(model, hook, layers)` swaps the attention of the model's **text decoder** (the vision
+tower keeps its own) for a function registered with `transformers.AttentionInterface` under a private
+name (plus the matching mask function in `AttentionMaskInterface`), and calls `hook(call)` once per
+forward pass of every chosen layer with an `AttentionCall`.
 
-- ask for attention probabilities of some query rows: `call.request_probs(rows, callback)`; the
-  callback gets `[B, H, R, K]` float32 probabilities after the forward of that layer;
-- add a bias to attention logits: `call.add_logit_bias(bias, rows)` (`-inf` knocks keys out, `log λ`
-  scales their share); the layer's output then reflects the bias.
+Hook contract
+-------------
+`hook(call)` runs *before* the layer's attention is computed, with everything needed to decide:
 
-Only the requested rows are computed explicitly (`q·Kᵀ` for those rows, one softmax each). The
-layer output comes from the model's own implementation (sdpa by default), untouched, unless a bias
-is added: then the biased rows are recomputed explicitly and written over the output, or, if the
-bias covers every query row (`rows=None`), the whole layer is computed eagerly with the bias. No
-`L×L` matrix exists unless a hook asks for all rows.
+- `call.layer_idx`; `call.query` `[B, H, Q, D]` (after RoPE), `call.key` / `call.value`
+  `[B, H_kv, K, D]` (KV cache included, GQA not expanded); `call.mask` as transformers built it;
+  `call.scaling`; `call.query_columns` `[Q]`: the sequence column of each query row (padding
+  included, the same columns as `input_ids` / `generate`'s output). Keys are columns `0..K-1`.
+  Prefill: `Q = K = prompt length`, query rows = columns. Decode step: `Q = 1`, its column `K - 1`.
+  Image / text key columns of each sample come from `dyco_probe.spans` (`Spans.image_mask(K)`...).
+- It may call, any number of times:
+  * `call.add_logit_bias(bias, rows=None)`: add `bias` (broadcastable to `[B, H, R, K]`, R = len(rows))
+    to the attention logits `q·kᵀ·scaling + mask` of query `rows` (indices into this call's Q rows,
+    negative allowed, distinct; `None` = all rows) before the softmax. `-inf` (or the dtype minimum)
+    knocks keys out and the rest renormalises; `log λ` turns a share `p` into `λp / (λp + 1 − p)`;
+    zeros leave heads / keys untouched (a bias of 0 is a no-op, up to float rounding). Several biases
+    add up. Per-head or per-sample biases: use the H or B dimension.
+  * `call.request_probs(rows, callback)`: `callback(probs)` with `probs` `[B, H, R, K]` float32,
+    biases of this call included, padding keys exactly 0; called before the layer returns.
+  * `call.logits(rows)`: the unbiased logits `[B, H, R, K]` float32 (mask included), right away.
+  * `call.edit_output(fn)`: replace the layer's attention output before `o_proj`, `[B, Q, H, D]`,
+    by `fn(output)` (activation patching of heads; edits apply in order, after biases).
+- Hooks run in registration order; sessions nest (an `attention_hooks` on an already patched model
+  adds its hook to the running session, e.g. a tracer inside an intervention, which then sees the
+  biased attention).
+
+Cost: the layer output comes from the model's own implementation (sdpa by default), untouched, unless
+a bias is added. Biased rows are recomputed explicitly (`q·Kᵀ` for those rows only, in chunks of 256
+rows) and written over the output; a bias on every row (`rows=None`) computes the whole layer
+explicitly, chunk by chunk. Requested probabilities cost one `q·Kᵀ` row each. No `L×L` matrix exists
+unless a hook asks for all rows. Query rows that are pure padding (every key masked) may differ from
+the base implementation's output when biased; they are never read by real tokens.
 
 On exit the registration is removed and each config's `_attn_implementation` restored: the model
-is as it was. Sessions nest: a second `attention_hooks` on a patched model adds its hook to the
-running session (e.g. a tracer inside an intervention), and hooks run in registration order.
+is as it was.
 """
 
 from __future__ import annotations
@@ -58,7 +80,7 @@ class AttentionCall:
             a bool `[B|1, 1, Q, K]` (True = attend) or an additive float mask.
         scaling: logit scale (`head_dim ** -0.5`).
         query_columns: `[Q]` long, the key-axis column (sequence position incl. padding) of each query:
-            `K - Q + arange(Q)`.
+            `K - Q + arange(Q)` (a property).
     """
 
     layer_idx: int
@@ -68,9 +90,14 @@ class AttentionCall:
     value: Tensor
     mask: Tensor | None
     scaling: float
-    query_columns: Tensor
     _biases: list[tuple[Tensor | None, Tensor]] = field(default_factory=list)
     _requests: list[tuple[Tensor, Callable[[Tensor], None]]] = field(default_factory=list)
+    _edits: list[Callable[[Tensor], Tensor]] = field(default_factory=list)
+
+    @property
+    def query_columns(self) -> Tensor:
+        k, q = self.key.shape[2], self.query.shape[2]
+        return torch.arange(k - q, k, device=self.query.device)
 
     @property
     def num_heads(self) -> int:
@@ -115,8 +142,22 @@ class AttentionCall:
         `[B, H, len(rows), K]` float32, biases of this call included, padding keys at exactly 0."""
         self._requests.append((self._rows(rows), callback))
 
+    def logits(self, rows: Sequence[int] | Tensor) -> Tensor:
+        """Unbiased attention logits `q·kᵀ·scaling + mask` of query `rows`: `[B, H, R, K]` float32."""
+        rows = self._rows(rows)
+        q, k = self.query[:, :, rows].to(torch.float32), self.key.to(torch.float32)
+        b, h, r, d = q.shape
+        logits = torch.matmul(q.reshape(b, k.shape[1], -1, d), k.transpose(-1, -2)).reshape(b, h, r, -1)
+        return logits * self.scaling + self.logit_mask(rows)
+
+    def edit_output(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Replace this layer's attention output (before `o_proj`), `[B, Q, H, D]`, by `fn(output)`."""
+        self._edits.append(fn)
+
     def logit_mask(self, rows: Tensor) -> Tensor:
         """The additive float32 mask of query `rows`, `[B|1, 1, R, K]`: 0 where visible, dtype-min elsewhere."""
+        if self.mask is None and self.num_queries == 1:  # a decode step without padding sees every key
+            return torch.zeros((), dtype=torch.float32, device=self.query.device)
         return _mask_rows(self.mask, rows, self.query_columns, self.key.shape[2], self.query.device)
 
 
@@ -161,9 +202,8 @@ def explicit_attention_rows(
     q = query.to(torch.float32).reshape(b, h_kv, groups * r, d)
     logits = torch.matmul(q, key.to(torch.float32).transpose(-1, -2)).reshape(b, h, r, -1)
     logits = logits * scaling + logit_mask
-    if bias is not None:
-        logits = logits + bias.to(torch.float32)
-    logits = logits.clamp_min(torch.finfo(torch.float32).min)
+    if bias is not None:  # -inf biases on top of a dtype-min mask: keep every logit finite
+        logits = (logits + bias.to(torch.float32)).clamp_min(torch.finfo(torch.float32).min)
     return torch.softmax(logits, dim=-1)
 
 
@@ -255,7 +295,6 @@ class _Session:
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
         scaling = module.scaling if scaling is None else scaling
-        q_len, k_len = query.shape[2], key.shape[2]
         call = AttentionCall(
             layer_idx=module.layer_idx,
             module=module,
@@ -264,24 +303,21 @@ class _Session:
             value=value,
             mask=attention_mask,
             scaling=scaling,
-            query_columns=torch.arange(k_len - q_len, k_len, device=query.device),
         )
         for hook in hooks:
             hook(call)
-        if not call._biases and not call._requests:
-            return self.base(
-                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-            )
-
         if not call._biases:
-            # Observation only: the output is the base implementation's, untouched.
+            # The output is the base implementation's, untouched; requested rows are extra.
             out, weights = self.base(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
             for rows, callback in call._requests:
                 callback(_probs_in_chunks(call, rows, None))
-            return out, weights
-        return _biased_forward(self.base, call, module, attention_mask, dropout, kwargs)
+        else:
+            out, weights = _biased_forward(self.base, call, module, attention_mask, dropout, kwargs)
+        for fn in call._edits:
+            out = fn(out)
+        return out, weights
 
 
 def _probs_in_chunks(call: AttentionCall, rows: Tensor, biases) -> Tensor:

@@ -12,6 +12,7 @@ Offline, one forward over `prompt ++ completion` yields the rows of all completi
 from __future__ import annotations
 
 import datetime
+import functools
 import platform
 from collections.abc import Sequence
 from functools import partial
@@ -60,6 +61,7 @@ def _completion_mask(token_ids: Tensor, eos: list[int]) -> Tensor:
     return before == 0
 
 
+@functools.lru_cache(maxsize=1)
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -166,7 +168,7 @@ class _Probe:
             "num_heads": self.num_heads,
             "image_token_id": self.image_token_id,
             "eos_token_id": self.eos,
-            "versions": _versions(),
+            "versions": dict(_versions()),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
 
@@ -263,7 +265,8 @@ class Tracer:
             if self.config.per_layer:
                 block = reduce_rows(torch.stack(self._rows, dim=1), per_layer_output=True)
             else:
-                block = (self._row_sum / len(self.probe.layers))[:, None]
+                n = len(self.probe.layers)
+                block = (self._row_sum if n == 1 else self._row_sum / n)[:, None]
             self._signals.step(block)
             self._rows, self._row_sum = [], None
 

@@ -1,7 +1,10 @@
 """Offline rows from a TransformerLens 4.3 `TransformerBridge`: `blocks.{l}.attn.hook_pattern`.
 
-TransformerLens 4.3 supports both families we trace through its bridge (`Qwen2_5_VLArchitectureAdapter`,
-`LlavaArchitectureAdapter`; attention runs in eager mode so the pattern hook fires). Two things in its
+TransformerLens 4.3 supports two of the families we trace through its bridge
+(`Qwen2_5_VLArchitectureAdapter`, `LlavaArchitectureAdapter`; attention runs in eager mode so the
+pattern hook fires). It has no adapter for Qwen2-VL (`Qwen2VLForConditionalGeneration`): that raises
+`NotImplementedError`; use the native, nnsight or eager backend there. Models built from a config
+carry no `config.architectures`, which the bridge needs; it is filled in on the copy. Two things in its
 boot path are in the way, and `boot_bridge` neutralises them for the duration of the boot only:
 
 - the Qwen2.5-VL adapter lists `torchvision` in `required_libraries` and refuses to construct without
@@ -89,6 +92,16 @@ def _bridge_tokenizer(tokenizer, vocab_size: int):
     return tokenizer
 
 
+def _check_supported(architecture: str) -> None:
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise NotImplementedError(
+            f"TransformerLens has no TransformerBridge adapter for {architecture} (e.g. Qwen2-VL is not "
+            "supported in 4.3; Qwen2.5-VL and LLaVA are); use the native, nnsight or eager backend"
+        )
+
+
 def boot_bridge(model_or_path, *, tokenizer=None, device: str | None = None):
     """A `TransformerBridge` for an instantiated model (booted on a deep copy) or a local checkpoint directory."""
     from transformer_lens.model_bridge import TransformerBridge
@@ -111,6 +124,7 @@ def boot_bridge(model_or_path, *, tokenizer=None, device: str | None = None):
             return TransformerBridge.boot_transformers(
                 path, tokenizer=_bridge_tokenizer(tokenizer, vocab), device=device or "cpu"
             )
+        _check_supported(type(model_or_path).__name__)
         model = copy.deepcopy(model_or_path)
         force_eager_attention(model, per_layer=True)
         if not getattr(model.config, "architectures", None):  # unset on models built from a config
