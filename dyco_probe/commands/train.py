@@ -24,7 +24,7 @@ _CHOICES = {
 _HELP = {
     "reward_weights": "reward functions and weights, e.g. accuracy=1,format=0.5",
     "trace_layers": "probed layers: 'all', or comma-separated indices (unset: the last layer)",
-    "threads": "torch threads for the run (the command uses at most 2 unless told)",
+    "threads": "torch threads (the command uses 1 unless told: on a busy machine more threads can be many times slower)",
     "beta": "KL coefficient ('auto': 0.04, and 0 for dapo)",
     "mask_truncated": "leave completions without EOS out of the loss (unset: only for dapo)",
 }
@@ -120,9 +120,7 @@ def config_from_args(args):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig) if hasattr(args, f.name)}
     values["resume"] = args.resume
     if values.get("threads") is None:
-        import os
-
-        values["threads"] = min(2, os.cpu_count() or 1)
+        values["threads"] = 1
     return RLConfig(**values)
 
 
