@@ -15,13 +15,13 @@ import datetime
 import functools
 import platform
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 from torch import Tensor
 
 from ..spans import Spans, image_token_id_of, spans_for_model
 from .attention import _text_decoder, attention_hooks, text_attention_modules
+from .backends import head_mean
 from .config import TraceConfig
 from .signals import StepSignals, reduce_rows
 from .trace import SIGNAL_NAMES, Trace
@@ -104,11 +104,6 @@ class _Probe:
     def signals(self, spans: Spans) -> StepSignals:
         c = self.config
         return StepSignals(spans, c.text_span, c.distance, keep_image_rows=c.image_rows, eps=c.eps)
-
-    def head_mean(self, probs: Tensor) -> Tensor:
-        if self.heads is not None:
-            probs = probs[:, list(self.heads)]
-        return probs.mean(dim=1)
 
     def build(
         self,
@@ -253,10 +248,10 @@ class Tracer:
     def _on_attention(self, call) -> None:
         if not self._active:
             return
-        call.request_probs([call.num_queries - 1], partial(self._on_row, call.layer_idx))
+        call.request_probs([call.num_queries - 1], functools.partial(self._on_row, call.layer_idx))
 
     def _on_row(self, layer: int, probs: Tensor) -> None:
-        row = self.probe.head_mean(probs[:, :, 0])  # [B, K]
+        row = head_mean(probs[:, :, 0], self.probe.heads)  # [B, K]
         if self.config.per_layer:
             self._rows.append(row)
         else:  # a running sum keeps memory independent of the number of probed layers
