@@ -125,7 +125,7 @@ class DyCoGRPOTrainer(GRPOTrainer):
             return output
         trace = self._trace(output)
         mask = trace.mask.to(output["completion_ids"].device)
-        groups = torch.arange(mask.shape[0]) // self.num_generations
+        groups = torch.arange(mask.shape[0]) // self._group_size
         scored = score_tokens(
             trace.r_vis, trace.r_txt, trace.v_vis, trace.v_txt, trace.mask, self.dyco, group_ids=groups
         )
@@ -135,6 +135,11 @@ class DyCoGRPOTrainer(GRPOTrainer):
         return output
 
     # -- pieces ------------------------------------------------------------------------------------
+
+    @property
+    def _group_size(self) -> int:
+        """Completions per prompt of the batch being scored (TRL's evaluation may use another G)."""
+        return self.num_generations if self.model.training else self.num_generations_eval
 
     def _trace(self, output):
         """Teacher-forced trace of the batch's completions under the current (sampling) policy."""
@@ -180,7 +185,7 @@ class DyCoGRPOTrainer(GRPOTrainer):
                 acc.gather(pad(mask.long())),
             )
             all_adv = acc.gather(advantages)
-            groups = torch.arange(all_adv.shape[0], device=all_adv.device) // self.num_generations
+            groups = torch.arange(all_adv.shape[0], device=all_adv.device) // self._group_size
             full = reweight_advantages(
                 all_adv,
                 all_s,
@@ -197,7 +202,7 @@ class DyCoGRPOTrainer(GRPOTrainer):
             return full[start : start + b, :t]
         # Groups are whole within a local batch when it is a multiple of G; "batch" is per process
         # (as in the published code).
-        groups = torch.arange(advantages.shape[0], device=advantages.device) // self.num_generations
+        groups = torch.arange(advantages.shape[0], device=advantages.device) // self._group_size
         return reweight_advantages(
             advantages,
             s,
