@@ -44,8 +44,8 @@ class TaskConfig:
     cell_px: int = 28  # one merged vision token per cell (Qwen2.5-VL: 2x2 patches of 14 px)
     n_shapes: int = 6  # how many of SHAPES are in play
     n_colours: int = 6  # how many of COLOURS are in play
-    min_objects: int = 3
-    max_objects: int = 5
+    min_objects: int = 6  # every scene shows every shape and every colour once: no attribute is
+    max_objects: int = 6  # guessable from the others, only the pairing (which the question asks) varies
     min_hops: int = 2  # look-ups per question
     max_hops: int = 3
     min_value: int = 1

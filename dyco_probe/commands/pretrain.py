@@ -1,0 +1,52 @@
+"""``dyco-probe pretrain``: train the built-in model (resumable)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from dyco_probe.commands import add_command, emit
+
+
+def run(args) -> int:
+    from dyco_probe.models.builtin import BUILTIN_DIR
+    from dyco_probe.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig()
+    if args.tiny:
+        cfg = cfg.tiny()
+    cfg = cfg.with_overrides(
+        out=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    result = pretrain(cfg, resume=not args.no_resume, progress=not args.quiet)
+    if args.install:
+        if BUILTIN_DIR.exists():
+            shutil.rmtree(BUILTIN_DIR)
+        shutil.copytree(Path(result["out"]), BUILTIN_DIR)
+        result["installed"] = str(BUILTIN_DIR)
+    emit(
+        args,
+        result,
+        f"saved the model to {result['out']}" + (" and installed it as 'builtin'" if args.install else ""),
+    )
+    return 0
+
+
+def register(sub) -> None:
+    p = add_command(sub, "pretrain", run, "train the built-in model by supervised fine-tuning (resumable)")
+    p.add_argument("--out", default="runs/pretrain", help="output directory (checkpoint and final model)")
+    p.add_argument("--steps", type=int, default=None, help="language-phase steps")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--tiny", action="store_true", help="a few steps of a tiny model (tests, smoke runs)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument(
+        "--install", action="store_true", help="copy the result to dyco_probe/builtin (the 'builtin' model)"
+    )

@@ -1,0 +1,386 @@
+"""Supervised training of the built-in model on the synthetic task (``dyco-probe pretrain``).
+
+Two phases, as real VLMs are built:
+
+1. **vision**: the vision tower and its patch merger learn to describe each cell (shape and colour,
+   or empty) through two linear heads on the merged image tokens, one token per cell;
+2. **language**: with the vision tower frozen, the whole language model learns the chains of thought
+   (next-token loss on the completion; look-up tokens weighted up), through a curriculum of stages.
+
+Freezing a vision tower that was trained per cell matters: its tokens then carry each cell's
+attributes separately, so the language model cannot read "which colour goes with the triangle" off an
+average over the image and has to attend to the right token.
+
+Everything is deterministic in the seed; the data stream is indexed by step, so a run killed at any
+point resumes from its last checkpoint and continues identically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dyco_probe.models.builtin import BuiltinArchitecture
+from dyco_probe.task.problems import ROLE_VISUAL, TaskConfig, generate_problem, split_seed
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A curriculum stage: train on ``task`` until ``until`` (a fraction of the language steps)."""
+
+    until: float
+    task: TaskConfig
+
+
+def _default_curriculum() -> tuple[Stage, ...]:
+    final = TaskConfig()
+    return (
+        Stage(0.3, replace(final, min_hops=4, max_hops=6)),  # dense look-ups first
+        Stage(1.0, final),
+    )
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Every knob of ``dyco-probe pretrain``, with the values the shipped model was trained with."""
+
+    out: str = "runs/pretrain"
+    seed: int = 0
+    arch: BuiltinArchitecture = BuiltinArchitecture()
+    # phase 1: vision tower
+    vision_steps: int = 150
+    vision_batch_size: int = 64
+    vision_lr: float = 2e-3
+    # phase 2: language model
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    visual_weight: float = 3.0  # loss weight of look-up tokens
+    curriculum: tuple[Stage, ...] = field(default_factory=_default_curriculum)
+    # bookkeeping
+    checkpoint_every: int = 100
+    eval_every: int = 500
+    eval_n: int = 128
+    threads: int | None = None
+
+    def tiny(self) -> PretrainConfig:
+        """A few steps of a very small model: for tests and smoke runs."""
+        arch = BuiltinArchitecture(
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=2,
+            vision_hidden=32,
+            vision_heads=2,
+            vision_intermediate=64,
+        )
+        return replace(
+            self,
+            arch=arch,
+            vision_steps=2,
+            vision_batch_size=4,
+            steps=4,
+            batch_size=4,
+            warmup=1,
+            checkpoint_every=2,
+            eval_every=0,
+            eval_n=8,
+        )
+
+    def with_overrides(self, **kw) -> PretrainConfig:
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def task_at(self, step: int) -> TaskConfig:
+        frac = step / max(1, self.steps)
+        for stage in self.curriculum:
+            if frac < stage.until:
+                return stage.task
+        return self.curriculum[-1].task
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["curriculum"] = [{"until": s.until, "task": s.task.to_dict()} for s in self.curriculum]
+        return d
+
+
+# ---------------------------------------------------------------- batches
+
+
+def prompt_for(handle, problem) -> str:
+    return handle.prompt(f"<image> {problem.question}", 1)
+
+
+def language_batch(handle, problems, visual_weight: float):
+    """Teacher-forced batch with next-token targets and per-token loss weights over the completion."""
+    from dyco_probe.batching import completion_ids_for, model_inputs, teacher_forced_batch
+
+    comp = completion_ids_for(handle, [p.completion for p in problems])
+    batch = teacher_forced_batch(
+        handle, [prompt_for(handle, p) for p in problems], [[p.render()] for p in problems], comp
+    )
+    L = batch["input_ids"].shape[1]
+    weights = batch["completion_mask"].float()
+    for i, p in enumerate(problems):
+        start = L - len(comp[i])
+        for j, w in enumerate(p.chain):
+            if w.role == ROLE_VISUAL:
+                weights[i, start + j] = visual_weight
+    return model_inputs(batch), weights
+
+
+def weighted_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy weighted per target token (weight 0 = not a target)."""
+    w = weights[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+    return (ce * w.flatten()).sum() / w.sum().clamp_min(1e-8)
+
+
+def cell_targets(problems, task: TaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell shape and colour classes (last class = empty), row-major, for every image."""
+    n = task.grid * task.grid
+    shapes, colours = [], []
+    for p in problems:
+        s, c = [task.n_shapes] * n, [task.n_colours] * n
+        for o in p.objects:
+            k = o.row * task.grid + o.col
+            s[k], c[k] = task.shapes.index(o.shape), task.colours.index(o.colour)
+        shapes += s
+        colours += c
+    return torch.tensor(shapes), torch.tensor(colours)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise RuntimeError(
+            f"corrupt checkpoint {path}: {type(e).__name__}: {e}; delete it to start over"
+        ) from e
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def lookup_report(handle, problems, layer: int = -1) -> dict:
+    """Teacher-forced look-up accuracy and, at ``layer``, how often the look-up query's attention
+    (mean over heads, restricted to image tokens) peaks on the relevant image token."""
+    from dyco_probe.batching import completion_ids_for, model_inputs, teacher_forced_batch
+
+    model = handle.model
+    comp = completion_ids_for(handle, [p.completion for p in problems])
+    batch = teacher_forced_batch(
+        handle, [prompt_for(handle, p) for p in problems], [[p.render()] for p in problems], comp
+    )
+    impl = model.config._attn_implementation
+    was_training = model.training
+    model.eval()
+    model.set_attn_implementation("eager")
+    try:
+        out = model(**model_inputs(batch), output_attentions=True)
+    finally:
+        model.set_attn_implementation(impl)
+        model.train(was_training)
+    ids = batch["input_ids"]
+    L = ids.shape[1]
+    att = out.attentions[layer].mean(1)
+    pred = out.logits.argmax(-1)
+    hits = peaks = n = 0
+    for i, p in enumerate(problems):
+        start = L - len(comp[i])
+        image_pos = (ids[i] == handle.image_token_id).nonzero().flatten()
+        for j, w in enumerate(p.chain):
+            if w.role != ROLE_VISUAL:
+                continue
+            q = start + j - 1  # the query whose logits produce the look-up token
+            hits += int(pred[i, q] == ids[i, start + j])
+            peaks += int(image_pos[att[i, q, image_pos].argmax()].item() == image_pos[w.cells[0]].item())
+            n += 1
+    return {"lookup_accuracy": hits / max(n, 1), "attention_peak_rate": peaks / max(n, 1), "lookups": n}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def pretrain(
+    config: PretrainConfig = PretrainConfig(), *, resume: bool = True, progress: bool = True
+) -> dict:
+    """Train the built-in model; returns a summary. Checkpoints to ``<out>/checkpoint.pt`` and saves
+    the final model (``save_pretrained``) to ``<out>/model``."""
+    from dyco_probe.models.adapters import QWEN2_5_VL
+    from dyco_probe.models.builtin import build_untrained
+    from dyco_probe.models.loading import ModelHandle
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    model, processor = build_untrained(config.arch, seed=config.seed)
+    handle = ModelHandle(model, processor, QWEN2_5_VL, "pretrain")
+    task0 = config.curriculum[-1].task
+    head = torch.nn.Linear(config.arch.hidden_size, task0.n_shapes + 1 + task0.n_colours + 1)
+    vision_params = list(model.model.visual.parameters()) + list(head.parameters())
+    vision_opt = torch.optim.AdamW(vision_params, lr=config.vision_lr)
+    lm_params = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
+    opt = torch.optim.AdamW(lm_params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+
+    def schedule(step):
+        warm = min(1.0, (step + 1) / max(1, config.warmup))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    phase, step, history = "vision", 0, []
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    state = load_checkpoint(ckpt_path) if resume else None
+    if state is not None:
+        if state["config"] != config.to_dict():
+            raise RuntimeError(
+                f"{ckpt_path} was written with another configuration; pass --no-resume to start over"
+            )
+        model.load_state_dict(state["model"])
+        head.load_state_dict(state["head"])
+        vision_opt.load_state_dict(state["vision_opt"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        phase, step, history = state["phase"], state["step"], state["history"]
+        _set_rng_state(state["rng"])
+
+    def checkpoint():
+        save_checkpoint(
+            ckpt_path,
+            {
+                "config": config.to_dict(),
+                "model": model.state_dict(),
+                "head": head.state_dict(),
+                "vision_opt": vision_opt.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "phase": phase,
+                "step": step,
+                "history": history,
+                "rng": _rng_state(),
+            },
+        )
+
+    t0 = time.perf_counter()
+    model.train()
+    if phase == "vision":
+        bar = tqdm(total=config.vision_steps, initial=step, desc="pretrain: vision", disable=not progress)
+        while step < config.vision_steps:
+            problems = [
+                generate_problem(split_seed("train", 10**8 + step * config.vision_batch_size + k), task0)
+                for k in range(config.vision_batch_size)
+            ]
+            pix = processor.image_processor([p.render() for p in problems], return_tensors="pt")
+            feats = model.model.visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"]).pooler_output
+            shapes, colours = cell_targets(problems, task0)
+            logits = head(feats)
+            loss = F.cross_entropy(logits[:, : task0.n_shapes + 1], shapes) + F.cross_entropy(
+                logits[:, task0.n_shapes + 1 :], colours
+            )
+            loss.backward()
+            vision_opt.step()
+            vision_opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % config.checkpoint_every == 0 or step == config.vision_steps:
+                history.append({"phase": "vision", "step": step, "loss": loss.item()})
+                checkpoint()
+        bar.close()
+        phase, step = "language", 0
+        checkpoint()
+
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+    eval_problems = [generate_problem(split_seed("val", i), task0, f"val-{i}") for i in range(config.eval_n)]
+    bar = tqdm(total=config.steps, initial=step, desc="pretrain: language", disable=not progress)
+    while step < config.steps:
+        task = config.task_at(step)
+        problems = [
+            generate_problem(split_seed("train", step * config.batch_size + k), task)
+            for k in range(config.batch_size)
+        ]
+        inputs, weights = language_batch(handle, problems, config.visual_weight)
+        loss = weighted_lm_loss(model(**inputs).logits, inputs["input_ids"], weights)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm_params, config.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        record = None
+        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            record = {
+                "phase": "language",
+                "step": step,
+                "loss": loss.item(),
+                **lookup_report(handle, eval_problems),
+            }
+            bar.write(json.dumps(record))
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            history.append(record or {"phase": "language", "step": step, "loss": loss.item()})
+            checkpoint()
+    bar.close()
+
+    model.eval()
+    final_dir = out / "model"
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    model.save_pretrained(final_dir)
+    processor.save_pretrained(final_dir)
+    recipe = {
+        "command": "dyco-probe " + " ".join(sys.argv[1:]) if sys.argv and "dyco" in sys.argv[0] else None,
+        "config": config.to_dict(),
+        "history": history,
+        "train_seconds_this_session": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+    }
+    (final_dir / "recipe.json").write_text(json.dumps(recipe, indent=1))
+    return {"out": str(final_dir), "steps": step, "history": history[-3:]}
