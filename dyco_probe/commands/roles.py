@@ -1,0 +1,101 @@
+"""``dyco-probe roles``: label a saved trace's tokens and summarise the roles (optionally against the
+synthetic task's ground truth).
+
+    dyco-probe roles --trace runs/trace.parquet --labeller fisher_rao
+    dyco-probe roles --trace runs/trace.parquet --labeller ratio_threshold --theta 0.3 --against ground_truth
+"""
+
+from __future__ import annotations
+
+from dyco_probe.commands import add_command, emit
+
+
+def load_tokenizer(source: str):
+    """The tokenizer of ``"builtin"`` or a local checkpoint directory (no model is loaded)."""
+    from transformers import AutoTokenizer
+
+    from dyco_probe.models.builtin import BUILTIN_DIR
+
+    path = BUILTIN_DIR if source == "builtin" else source
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def run(args) -> int:
+    import torch
+
+    from dyco_probe.labellers import compare_roles, get_labeller
+    from dyco_probe.roles import ROLE_NAMES
+    from dyco_probe.tracing import Trace
+
+    trace = Trace.load(args.trace)
+    options = {}
+    if args.labeller == "ratio_threshold":
+        options = {"theta": args.theta, "theta_txt": args.theta_txt}
+    elif args.labeller != "ground_truth":
+        options = {"tau_vis": args.tau_vis, "tau_txt": args.tau_txt}
+    needs_tokenizer = "ground_truth" in (args.labeller, args.against)
+    tokenizer = None
+    if needs_tokenizer:
+        source = args.model or trace.metadata.get("model_source")
+        if not source:
+            raise ValueError("ground truth needs the model's tokenizer: pass --model")
+        tokenizer = load_tokenizer(source)
+    roles = get_labeller(args.labeller)(trace, tokenizer=tokenizer, **options)
+    mask = trace.mask.bool()
+    valid = roles[mask]
+    result = {
+        "trace": args.trace,
+        "labeller": args.labeller,
+        "options": options,
+        "tokens": int(mask.sum()),
+        "role_fractions": {n: round(float((valid == i).float().mean()), 4) for i, n in enumerate(ROLE_NAMES)},
+        "mean_r_vis_norm_by_role": {
+            n: (round(float(trace.r_vis_norm[mask][valid == i].mean()), 4) if (valid == i).any() else None)
+            for i, n in enumerate(ROLE_NAMES)
+        },
+    }
+    lines = [
+        f"{args.labeller} on {result['tokens']} tokens of {trace.batch_size} completions: "
+        + ", ".join(f"{n} {f:.3f}" for n, f in result["role_fractions"].items()),
+        "mean normalised visual ratio by role: "
+        + ", ".join(
+            f"{n} {'-' if v is None else f'{v:.4f}'}" for n, v in result["mean_r_vis_norm_by_role"].items()
+        ),
+    ]
+    if args.against:
+        reference = get_labeller(args.against)(trace, tokenizer=tokenizer)
+        result["against"] = args.against
+        for neutral in ("included", "excluded"):
+            scores = compare_roles(roles, reference, trace.mask, neutral=neutral)
+            result[f"neutral_{neutral}"] = scores
+            lines.append(
+                f"vs {args.against}, neutral tokens {neutral}: macro F1 {scores['macro_f1']:.3f}, accuracy "
+                f"{scores['accuracy']:.3f}; "
+                + "; ".join(
+                    f"{n} P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f}"
+                    for n, v in scores["roles"].items()
+                )
+            )
+    if args.out:
+        torch.save(
+            {"roles": roles, "mask": trace.mask, "labeller": args.labeller, "options": options}, args.out
+        )
+        result["out"] = args.out
+    emit(args, result, "\n".join(lines))
+    return 0
+
+
+def register(sub) -> None:
+    p = add_command(sub, "roles", run, "label a saved trace's tokens with a role labeller and summarise")
+    p.add_argument("--trace", required=True, help="a parquet trace (dyco-probe trace --out)")
+    names = "fisher_rao, hellinger, l2, jensen_shannon, symmetric_kl, ratio_threshold, ground_truth"
+    p.add_argument("--labeller", default="fisher_rao", help=f"one of {names}")
+    p.add_argument("--tau-vis", type=float, default=0.0, help="dynamics rules: visual if delta > tau_vis")
+    p.add_argument("--tau-txt", type=float, default=0.05, help="dynamics rules: text if delta < -tau_txt")
+    p.add_argument("--theta", type=float, default=0.5, help="ratio_threshold: visual if r_vis_norm > theta")
+    p.add_argument("--theta-txt", type=float, default=None, help="ratio_threshold: text if r_vis_norm < this")
+    p.add_argument("--against", help="compare with another labeller (e.g. ground_truth)")
+    p.add_argument(
+        "--model", help="where the tokenizer comes from for ground truth (default: the trace's model)"
+    )
+    p.add_argument("--out", help="save the roles tensor here (torch.save)")
