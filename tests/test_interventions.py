@@ -1,0 +1,398 @@
+"""Interventions: correctness properties of knockout / scaling / patching, query selections, readouts, statistics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dyco_probe.interventions import (
+    Intervention,
+    KeyLayout,
+    bootstrap_ci,
+    ground_truth_roles,
+    intervene,
+    layer_windows,
+    matched_random,
+    paired_comparison,
+    parse_layers,
+    patch_attention_output,
+    patch_image_states,
+    prepare_trajectories,
+    record_attention_output,
+    record_image_states,
+    regenerate,
+    select_tokens,
+    teacher_forced_inputs,
+    token_columns,
+    token_logprobs,
+)
+from dyco_probe.interventions.readouts import generate_greedy
+from dyco_probe.roles import Role
+from dyco_probe.testing import TINY_TOKENS, tiny_batch, tiny_llava, tiny_qwen2_5_vl
+from dyco_probe.tracing import TraceConfig, trace_offline
+
+torch.set_num_threads(1)
+
+TINY_ARCH = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=2,
+    vision_depth=1,
+    vision_hidden=32,
+    vision_heads=2,
+    vision_intermediate=64,
+)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_qwen2_5_vl(seed=4)
+
+
+@pytest.fixture(scope="module")
+def batch(qwen):
+    return tiny_batch(qwen, 3, images_per_prompt=2, seed=14)
+
+
+@pytest.fixture(scope="module")
+def completion(qwen, batch):
+    """Greedy completions of `batch` (ragged: some end early) and their teacher-forced inputs."""
+    ids, mask = generate_greedy(qwen, batch, 10)
+    return ids, mask, teacher_forced_inputs(qwen, batch, ids, mask)
+
+
+@pytest.fixture(scope="module")
+def handle():
+    from dyco_probe.models.adapters import QWEN2_5_VL
+    from dyco_probe.models.builtin import BuiltinArchitecture, build_untrained
+    from dyco_probe.models.loading import ModelHandle
+
+    model, processor = build_untrained(BuiltinArchitecture(**TINY_ARCH), seed=0)
+    return ModelHandle(model=model.eval(), processor=processor, adapter=QWEN2_5_VL, source="untrained")
+
+
+def other_pixels(batch, seed=99):
+    out = dict(batch)
+    out["pixel_values"] = torch.randn(
+        batch["pixel_values"].shape, generator=torch.Generator().manual_seed(seed)
+    )
+    return out
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def text_rows(inputs):
+    return inputs["attention_mask"].bool() & (inputs["input_ids"] != TINY_TOKENS.image)
+
+
+# -- the sanity property of SPEC §8 ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", [tiny_qwen2_5_vl, tiny_llava], ids=["qwen2.5-vl", "llava"])
+def test_image_knockout_everywhere_makes_outputs_independent_of_pixels(factory):
+    model = factory(seed=1)
+    a = tiny_batch(model, 3, images_per_prompt=2 if factory is tiny_qwen2_5_vl else 1, seed=3)
+    b = other_pixels(a)
+    rows = text_rows(a)
+    assert not torch.allclose(logits(model, a)[rows], logits(model, b)[rows])  # the pixels matter...
+    with intervene(model, Intervention.knockout("image")):
+        la, lb = logits(model, a), logits(model, b)
+        ga = model.generate(**a, max_new_tokens=6, do_sample=False)
+        gb = model.generate(**b, max_new_tokens=6, do_sample=False)
+    assert torch.equal(la[rows], lb[rows])  # ...and not at all once no text query can see the image
+    assert torch.equal(ga, gb)
+
+
+def test_knockout_only_some_layers_leaves_pixels_visible(qwen, batch):
+    rows = text_rows(batch)
+    with intervene(qwen, Intervention.knockout("image", layers=[0, 1])):
+        la, lb = logits(qwen, batch), logits(qwen, other_pixels(batch))
+    assert not torch.allclose(la[rows], lb[rows])
+
+
+# -- no-ops -------------------------------------------------------------------------------------
+
+
+def test_scale_one_is_a_no_op(qwen, batch, completion):
+    ids, mask, inputs = completion
+    base = logits(qwen, inputs)
+    every = torch.ones(3, inputs["input_ids"].shape[1], dtype=torch.bool)
+    for keys in ("image", "text", "completion"):
+        with intervene(qwen, Intervention.scaling(1.0, keys), every) as log:
+            assert torch.equal(logits(qwen, inputs), base)
+        assert log.calls == 0
+    with intervene(qwen, Intervention.scaling(1.0, "image")):
+        again, again_mask = generate_greedy(qwen, batch, 10)
+    assert torch.equal(again, ids) and torch.equal(again_mask, mask)
+
+
+def test_knockout_of_an_empty_set_is_a_no_op(qwen, completion):
+    ids, mask, inputs = completion
+    base = logits(qwen, inputs)
+    nothing = torch.zeros_like(mask)
+    prompt_length = inputs["input_ids"].shape[1] - ids.shape[1]
+    cases = [
+        (Intervention.knockout("image"), token_columns(nothing, prompt_length)),  # no query
+        (Intervention.knockout("positions"), None),  # no key
+        (Intervention.knockout("positions", key_columns=[10**6]), None),  # keys outside the sequence
+    ]
+    for spec, queries in cases:
+        with intervene(qwen, spec, queries) as log:
+            assert torch.equal(logits(qwen, inputs), base)
+        assert log.calls == 0
+
+
+def test_the_model_is_left_as_found(qwen, batch):
+    before = logits(qwen, batch)
+    impl = qwen.config.get_text_config()._attn_implementation
+    with pytest.raises(KeyError):
+        with intervene(qwen, Intervention.knockout("image")):
+            raise KeyError("boom")
+    assert qwen.config.get_text_config()._attn_implementation == impl
+    assert torch.equal(logits(qwen, batch), before)
+    assert all(not m._forward_pre_hooks for m in qwen.modules())
+
+
+# -- scaling law, in the tracer's indexing ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale,keys", [(0.25, "image"), (3.0, "image"), (0.0, "image"), (2.0, "text")])
+def test_scaled_share_follows_lambda_p_over_lambda_p_plus_one_minus_p(qwen, batch, completion, scale, keys):
+    """Tokens selected by trace index t: their traced share (same layer and head) is λp/(λp+1−p)."""
+    ids, mask, inputs = completion
+    layer = 1
+    chosen = torch.zeros_like(mask)
+    chosen[:, ::2] = True
+    chosen &= mask
+    prompt_length = batch["input_ids"].shape[1]
+    spec = Intervention(keys=keys, scale=scale, layers=[layer])
+    signal = "r_vis" if keys == "image" else "r_txt"
+    for head in range(4):
+        config = TraceConfig(layers=[layer], heads=[head])
+        base = getattr(trace_offline(qwen, batch, ids, mask, config=config), signal)
+        with intervene(qwen, spec, token_columns(chosen, prompt_length)):
+            after = getattr(trace_offline(qwen, batch, ids, mask, config=config), signal)
+        p = base.double()
+        expected = scale * p / (scale * p + 1 - p)
+        assert torch.allclose(after.double()[chosen], expected[chosen], atol=1e-5)
+        assert torch.allclose(after[mask & ~chosen], base[mask & ~chosen], atol=1e-6)  # others untouched
+        assert (p[chosen] > 1e-3).all() and (p[chosen] < 1 - 1e-3).all()  # a non-trivial check
+
+
+def test_knockout_by_head_touches_only_that_head(qwen, batch, completion):
+    ids, mask, _ = completion
+    cols = token_columns(mask, batch["input_ids"].shape[1])
+    with intervene(qwen, Intervention.knockout("image", layers=[1], heads=[2]), cols):
+        t0 = trace_offline(qwen, batch, ids, mask, config=TraceConfig(layers=[1], heads=[2]))
+        t1 = trace_offline(qwen, batch, ids, mask, config=TraceConfig(layers=[1], heads=[1]))
+    base = trace_offline(qwen, batch, ids, mask, config=TraceConfig(layers=[1], heads=[1]))
+    assert (t0.r_vis[mask] == 0).all()
+    assert torch.allclose(t1.r_vis[mask], base.r_vis[mask], atol=1e-6)
+
+
+# -- key spans -----------------------------------------------------------------------------------
+
+
+def test_key_spans_per_sample():
+    image = torch.tensor([[0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    layout = KeyLayout.build(image, valid, completion_start=5)
+    q = torch.tensor([5, 6])
+    text = layout.key_mask("text", q, 7)
+    assert text[0, 0].nonzero().flatten().tolist() == [3, 4, 5]
+    assert text[1, 1].nonzero().flatten().tolist() == [4, 5, 6]
+    assert layout.key_mask("text_history", q, 7)[0, 1].nonzero().flatten().tolist() == [3, 4, 5]
+    assert layout.key_mask("question", q, 7)[1, 1].nonzero().flatten().tolist() == [4]
+    assert layout.key_mask("completion", q, 7)[0, 1].nonzero().flatten().tolist() == [5, 6]
+    assert layout.key_mask("text", q, 7, "all_text")[1, 0].nonzero().flatten().tolist() == [1, 4, 5]
+    assert layout.key_mask("image", q, 8)[1, 0].nonzero().flatten().tolist() == [2, 3]
+
+
+def test_layer_selections():
+    assert parse_layers("all", 4) == [(0, 1, 2, 3)]
+    assert parse_layers("each", 3) == [(0,), (1,), (2,)]
+    assert parse_layers("window:2", 4) == [(0, 1), (1, 2), (2, 3)]
+    assert layer_windows(5, 2, 2) == [(0, 1), (2, 3), (3, 4)]
+    assert parse_layers("-1", 4) == [(3,)] and parse_layers("1-2", 4) == [(1, 2)]
+    assert parse_layers([0, 2], 4) == [(0, 2)]
+    with pytest.raises(ValueError):
+        parse_layers("window:x", 4)
+    with pytest.raises(ValueError):
+        Intervention(keys="pixels")
+    with pytest.raises(ValueError):
+        Intervention(scale=-1)
+
+
+# -- query selections ----------------------------------------------------------------------------
+
+
+def test_token_columns_follow_the_tracer_convention():
+    sel = torch.tensor([[True, False, True], [False, True, False]])
+    cols = token_columns(sel, 5)
+    assert cols[0].nonzero().flatten().tolist() == [4, 6]  # token t -> column L - 1 + t
+    assert cols[1].nonzero().flatten().tolist() == [5]
+
+
+def test_matched_random_controls():
+    roles = torch.tensor([[0, 1, 2, 1, 2, 2, 0, 0], [0, 2, 2, 2, 1, 0, 0, 0]])
+    mask = torch.tensor([[1] * 8, [1] * 6 + [0, 0]], dtype=torch.bool)
+    visual = select_tokens("visual", roles, mask)
+    control = select_tokens("random:visual", roles, mask, seed=3, sample_keys=[10, 11])
+    assert control.sum(-1).tolist() == visual.sum(-1).tolist() == [2, 1]
+    assert not (control & ~mask).any()
+    again = select_tokens("random:visual", roles[[1]], mask[[1]], seed=3, sample_keys=[11])
+    assert torch.equal(again[0], control[1])  # independent of the batch a sample sits in
+    other = matched_random(visual, mask, seed=4, sample_keys=[10, 11])
+    draws = {
+        tuple(matched_random(visual, mask, seed=s, sample_keys=[10, 11])[0].nonzero().flatten().tolist())
+        for s in range(20)
+    }
+    assert len(draws) > 3 and other.sum() == 3
+    neutral = select_tokens("neutral", roles, mask)
+    assert not neutral[:, 0].any() and neutral[0].nonzero().flatten().tolist() == [6, 7]
+    assert select_tokens("positions:0,2", None, mask)[0].nonzero().flatten().tolist() == [0, 2]
+    assert torch.equal(select_tokens("all", None, mask), mask)
+
+
+def test_ground_truth_roles_of_the_gold_chain(handle):
+    from dyco_probe.data import synthetic_examples
+    from dyco_probe.task.problems import ROLE_TEXT, ROLE_VISUAL
+
+    examples = synthetic_examples("test", 3)
+    tok = handle.tokenizer
+    rows = [tok(ex.completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for ex in examples]
+    length = max(map(len, rows))
+    ids = torch.zeros(3, length, dtype=torch.long)
+    mask = torch.zeros(3, length, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+    roles = ground_truth_roles(tok, ids, mask, [ex.problem for ex in examples])
+    value = {ROLE_VISUAL: int(Role.VISUAL), ROLE_TEXT: int(Role.TEXT)}
+    for i, ex in enumerate(examples):
+        expected = [value.get(w.role, 0) for w in ex.problem.chain] + [
+            0
+        ]  # the built-in tokenizer is word-level
+        assert roles[i, : len(rows[i])].tolist() == expected
+    assert (roles[i][~mask[i]] == 0).all()
+
+
+# -- patching ------------------------------------------------------------------------------------
+
+
+def test_patching_a_run_with_itself_is_a_no_op(qwen, completion):
+    ids, mask, inputs = completion
+    base = logits(qwen, inputs)
+    rec = record_attention_output(qwen, inputs, layers=[0, 2])
+    with patch_attention_output(qwen, rec):
+        assert torch.equal(logits(qwen, inputs), base)
+    states = record_image_states(qwen, inputs, layers=[0, 3])
+    with patch_image_states(qwen, states):
+        assert torch.equal(logits(qwen, inputs), base)
+
+
+def test_patching_from_a_counterfactual_donor(qwen, batch, completion):
+    ids, mask, inputs = completion
+    clean = logits(qwen, inputs)
+    corrupted_inputs = other_pixels(inputs)
+    corrupted = logits(qwen, corrupted_inputs)
+    rows = text_rows(inputs)
+    # restore-style: clean image states patched into the corrupted run at layer 0 restore the clean run
+    states = record_image_states(qwen, inputs, layers=[0])
+    with patch_image_states(qwen, states):
+        restored = logits(qwen, corrupted_inputs)
+    assert torch.allclose(restored[rows], clean[rows], atol=1e-5)
+    assert not torch.allclose(corrupted[rows], clean[rows], atol=1e-3)
+    # a counterfactual run's attention output at one column: only that column and later ones move
+    rec = record_attention_output(qwen, corrupted_inputs, layers=[3])
+    cols = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+    cols[:, -3] = True
+    with patch_attention_output(qwen, rec, queries=cols):
+        patched = logits(qwen, inputs)
+    assert torch.equal(patched[:, :-3], clean[:, :-3])
+    assert not torch.allclose(patched[:, -3], clean[:, -3], atol=1e-3)
+    assert torch.equal(patched[:, -2:], clean[:, -2:])  # the last layer: nothing reads the column after it
+    # at every layer, the column's residual stream becomes the donor's (same token, same attention outputs)
+    rec = record_attention_output(qwen, corrupted_inputs)
+    with patch_attention_output(qwen, rec, queries=cols):
+        patched = logits(qwen, inputs)
+    assert torch.allclose(patched[:, -3], corrupted[:, -3], atol=1e-5)
+    assert torch.equal(patched[:, :-3], clean[:, :-3])
+
+
+# -- readouts ------------------------------------------------------------------------------------
+
+
+def test_teacher_forced_logprobs_match_generation(qwen, batch, completion):
+    ids, mask, inputs = completion
+    out = qwen.generate(
+        **batch,
+        max_new_tokens=10,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        suppress_tokens=[3, 4, 5, 6],
+    )
+    ref = torch.stack(out.logits, 1)[:, : ids.shape[1]].log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+    assert torch.allclose(token_logprobs(qwen, inputs, ids)[mask], ref[mask], atol=1e-4)
+
+
+def test_regenerate_continues_a_trajectory(qwen, batch, completion):
+    ids, mask, _ = completion
+    same, same_mask = regenerate(qwen, batch, ids, torch.tensor([0, 3, 5]), max_new_tokens=10)
+    assert torch.equal(same[:, : ids.shape[1]][mask], ids[mask])  # greedy from its own prefix: itself
+    # an intervention on every token from the start is the same as one on a fresh generation
+    spec = Intervention.knockout("image")
+    every = torch.ones(3, 10, dtype=torch.bool)
+    ko, ko_mask = regenerate(qwen, batch, ids, torch.zeros(3), max_new_tokens=10, spec=spec, selection=every)
+    with intervene(qwen, spec, token_columns(every, batch["input_ids"].shape[1])):
+        fresh, fresh_mask = generate_greedy(qwen, batch, 10)
+    assert torch.equal(ko[:, : fresh.shape[1]][fresh_mask], fresh[fresh_mask])
+
+
+def test_trajectory_readouts(handle):
+    from dyco_probe.data import synthetic_examples
+
+    traj = prepare_trajectories(
+        handle, synthetic_examples("test", 3), [7, 8, 9], trajectory="gold", max_new_tokens=48
+    )
+    assert traj.correct.all() and traj.answer_mask.sum(-1).tolist() == [1, 1, 1]
+    roles = traj.roles("ground_truth")
+    visual = select_tokens("visual", roles, traj.completion_mask)
+    nothing = torch.zeros_like(visual)
+    tf = traj.teacher_forced(Intervention.knockout("image"), visual)
+    assert all(n >= 2 for n in tf["n_targets"]) and all(math.isfinite(x) for x in tf["dlogp_target"])
+    empty = traj.teacher_forced(Intervention.knockout("image"), nothing)
+    assert all(math.isnan(x) for x in empty["dlogp_answer"])
+    one = traj.teacher_forced(Intervention.scaling(1.0), visual)
+    assert all(x == 0 for x in one["dlogp_target"])
+    fr = traj.free_running(Intervention.scaling(1.0), visual)
+    assert fr["dacc"] == [0.0, 0.0, 0.0] and fr["changed"] == [0.0, 0.0, 0.0]
+    assert traj.select([2]).indices == [9]
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+
+def test_bootstrap_and_paired_statistics():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(1.0, 1.0, 200)
+    mean, low, high = bootstrap_ci(a, seed=1)
+    assert low < mean < high and abs(mean - a.mean()) < 1e-12
+    half = 1.96 * a.std(ddof=1) / math.sqrt(a.size)
+    assert abs((high - low) / 2 - half) < 0.05
+    b = a - 0.5 + rng.normal(0, 0.1, 200)
+    res = paired_comparison(a, b)
+    ref = stats.ttest_rel(a, b)
+    assert res.n == 200 and math.isclose(res.p_t, ref.pvalue) and math.isclose(res.t, ref.statistic)
+    assert res.diff_low < 0.5 < res.diff_high and res.cohens_dz > 3
+    with_nan = paired_comparison([1.0, math.nan, 2.0, 3.0], [0.0, 1.0, math.nan, 1.0])
+    assert with_nan.n == 2 and with_nan.diff == 1.5
+    assert math.isnan(bootstrap_ci([math.nan])[0]) and bootstrap_ci([2.0]) == (2.0, 2.0, 2.0)
