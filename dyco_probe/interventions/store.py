@@ -28,15 +28,19 @@ KEY = ("condition_id", "item_index")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}.partial")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
 def _write_parquet(frame, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}.partial")
     frame.to_parquet(tmp, index=False)
     os.replace(tmp, path)
+
+
+def _visible(paths) -> list[Path]:
+    return sorted(p for p in paths if not p.name.startswith("."))
 
 
 def _read(path: Path, columns=None):
@@ -78,10 +82,10 @@ class ResultStore:
     # -- reading -------------------------------------------------------------------------------
 
     def unit_files(self) -> list[Path]:
-        return sorted(self.parts.glob("rank-*/*.parquet")) if self.parts.exists() else []
+        return _visible(self.parts.glob("rank-*/*.parquet")) if self.parts.exists() else []
 
     def part_files(self) -> list[Path]:
-        return sorted(self.parts.glob("part-*.parquet")) if self.parts.exists() else []
+        return _visible(self.parts.glob("part-*.parquet")) if self.parts.exists() else []
 
     def frames(self, columns=None) -> list:
         """Every stored frame: unit files first, then compacted parts (this order never misses a
@@ -123,7 +127,7 @@ class ResultStore:
         """Fold this process's unit files into `parts/part-<rank>.parquet`."""
         import pandas as pd
 
-        units = sorted(self.own.glob("*.parquet")) if self.own.exists() else []
+        units = _visible(self.own.glob("*.parquet")) if self.own.exists() else []
         if not units:
             return None
         part = self.parts / f"part-{self.rank:03d}.parquet"
