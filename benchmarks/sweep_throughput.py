@@ -137,7 +137,8 @@ def main(argv=None) -> int:
         f"## Sweep throughput — {stamp}",
         "",
         f"Machine: {machine()}. No GPU.",
-        f"Model: `{model}` ({params / 1e6:.1f}M parameters), {conditions} conditions (image knockout on "
+        f"Model: `{model}`{' (the built-in architecture, random weights)' if model == 'untrained' else ''} "
+        f"({params / 1e6:.1f}M parameters), {conditions} conditions (image knockout on "
         f"visual / matched random / text tokens, ground-truth roles, each layer and all layers) x {args.n} "
         f"synthetic test samples = {evaluations} evaluations; {trajectory} trajectories, max {args.max_new_tokens} "
         f"new tokens; median of {args.repeats} interleaved repeats after a warm-up, in-process (model loaded once).",
