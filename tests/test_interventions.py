@@ -396,3 +396,25 @@ def test_bootstrap_and_paired_statistics():
     with_nan = paired_comparison([1.0, math.nan, 2.0, 3.0], [0.0, 1.0, math.nan, 1.0])
     assert with_nan.n == 2 and with_nan.diff == 1.5
     assert math.isnan(bootstrap_ci([math.nan])[0]) and bootstrap_ci([2.0]) == (2.0, 2.0, 2.0)
+
+
+def test_summaries_and_comparisons_by_condition():
+    import pandas as pd
+
+    from dyco_probe.interventions import compare_to_control, summarize
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for layers in ("0", "all"):
+        for i in range(30):
+            base = rng.normal()
+            rows.append({"layers": layers, "target": "visual", "item_index": i, "dacc": base - 1.0})
+            rows.append({"layers": layers, "target": "random:visual", "item_index": i, "dacc": base})
+    frame = pd.DataFrame(rows)
+    table = summarize(frame, "dacc", ["layers", "target"])
+    assert len(table) == 4 and (table["n"] == 30).all() and (table["ci_low"] <= table["mean"]).all()
+    cmp = compare_to_control(
+        frame, "dacc", target={"target": "visual"}, control={"target": "random:visual"}, by=["layers"]
+    )
+    assert cmp["layers"].tolist() == ["0", "all"] and np.allclose(cmp["diff"], -1.0)
+    assert (cmp["p_t"] == 0.0).all() and (cmp["n"] == 30).all()  # constant paired difference

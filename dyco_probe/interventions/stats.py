@@ -104,7 +104,7 @@ def paired_comparison(target, control, *, n_boot: int = 2000, seed: int = 0) -> 
     t = p_t = p_w = dz = nan
     if d.size >= 2:
         sd = d.std(ddof=1)
-        if sd > 0:
+        if sd > 1e-12 * max(1.0, abs(float(d.mean()))):  # else constant up to rounding
             res = stats.ttest_rel(a, b)
             t, p_t = float(res.statistic), float(res.pvalue)
             dz = float(d.mean() / sd)
