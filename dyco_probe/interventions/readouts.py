@@ -201,7 +201,7 @@ def regenerate(
             new, _ = generate_greedy(model, inputs, budget)
     rows = []
     for i in range(b):
-        keep = max_new_tokens - int(prefix[i])
+        keep = max(0, max_new_tokens - int(prefix[i]))
         rows.append(torch.cat([extra[i].to(new.device), new[i, :keep]]))
     length = max(len(r) for r in rows)
     pad = _pad_id(model)
