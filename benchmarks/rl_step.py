@@ -72,6 +72,7 @@ def make_handle(name: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="auto", help="auto, builtin, untrained or a checkpoint path")
+    parser.add_argument("--label", help="how to describe the model in the report (default: its name)")
     parser.add_argument("--algo", default="grpo")
     parser.add_argument("--steps", type=int, default=4, help="steps per run; the first is not counted")
     parser.add_argument("--repeats", type=int, default=5, help="runs per variant, interleaved")
@@ -84,6 +85,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     handle, description = make_handle(args.model)
+    description = args.label or description
     initial = copy.deepcopy(handle.model.state_dict())
     from dyco_probe.data import synthetic_examples
 
