@@ -100,6 +100,12 @@ def collect(args) -> dict:
     by_layer["all"] = cached(
         runs / "offline_layer_all.parquet", offline(TraceConfig(layers="all", image_rows=True))
     )
+    last = handle.num_layers - 1
+    for head in range(handle.num_heads):  # the heads of the probed (last) layer, one at a time
+        by_layer[f"{last}/h{head}"] = cached(
+            runs / f"offline_layer{last}_head{head}.parquet",
+            offline(TraceConfig(layers=(last,), heads=(head,), image_rows=True)),
+        )
     return {
         "handle": handle,
         "examples": examples,
@@ -337,7 +343,7 @@ def plot(sweep_rows, theta_rows, delta_by_role, peaks, out: Path) -> None:
     ax.scatter(x + 0.2, [peaks[k]["object_chance"] for k in names], color="red", marker="_", s=200)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("probed layer")
+    ax.set_xlabel("probed layer (L/hK: head K of layer L alone)")
     ax.set_ylabel("share of ground-truth visual tokens")
     ax.set_title("image attention peaks on the named object's cell")
     ax.legend()
@@ -381,7 +387,7 @@ def conclusion(rows: list[dict], held: dict, layer_rows: list[dict]) -> str:
         + ", ".join(f"{d} {f3(v)}" for d, v in others)
         + " (their thresholds are in each distance's own units).",
     ]
-    last = [r for r in layer_rows if r["layer"] != "all"][-1]
+    last = [r for r in layer_rows if r["layer"].isdigit()][-1]
     best = max((r for r in layer_rows if r["tokens"]), key=lambda r: r["peak_share"], default=None)
     if best is not None:
         out.append(
@@ -573,10 +579,11 @@ def main() -> None:
         "",
         *table(rows, "included"),
         "",
-        "## Probed layer: the Fisher–Rao rule, and where visual tokens look",
+        "## Probed layer and head: the Fisher–Rao rule, and where visual tokens look",
         "",
         "Peak share: of the ground-truth visual tokens, the share whose attention over the image tokens peaks on "
-        "the relevant one (the cell of the object the token names); chance is 1 / number of image tokens. Object "
+        "the relevant one (the cell of the object the token names); chance is 1 / number of image tokens. Rows "
+        "`L/hK` probe head K of layer L alone (the other rows average all heads). Object "
         "cells differ from the empty background, so attention may favour objects without finding the named one: "
         "the share peaking on any object's cell (chance: objects / image tokens), and of those the share on the "
         "named object (chance: 1 / objects), separate the two.",
