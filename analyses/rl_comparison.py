@@ -14,7 +14,7 @@ interrupted ones resume from their last checkpoint, and ``--report-only`` just r
 flags set the cost: with the defaults (18 runs) the whole comparison takes about 60-90 min of CPU on
 the built-in model with ``--jobs 2`` on two cores.
 
-    python -m analyses.rl_comparison                         # defaults: 3 seeds, 80 steps, 200 eval examples
+    python -m analyses.rl_comparison                         # defaults: 3 seeds, 200 steps, 200 eval examples
     python -m analyses.rl_comparison --steps 40 --n-eval 100 --seeds 0 1 2 --jobs 2
     python -m analyses.rl_comparison --report-only
 """
@@ -210,9 +210,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "figures"), help="where the table and figures go")
     parser.add_argument("--algos", nargs="+", default=["grpo", "dapo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=80, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per run")
     parser.add_argument("--n-eval", type=int, default=200, help="held-out examples per evaluation")
-    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=72)

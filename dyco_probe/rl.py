@@ -136,7 +136,7 @@ class RLConfig:
     device: str | None = None
     dtype: str | None = None
     seed: int = 0
-    steps: int = 60
+    steps: int = 200
     resume: bool = False
     threads: int | None = None
     # data
@@ -145,7 +145,7 @@ class RLConfig:
     eval_data: str | None = None
     eval_split: str = "test"
     n_eval: int = 200
-    eval_every: int = 20
+    eval_every: int = 50
     eval_max_new_tokens: int = 96
     eval_batch_size: int = 64
     # sampling
@@ -186,7 +186,7 @@ class RLConfig:
     dynamic_sampling_rounds: int = 3
     mask_truncated: bool | None = None
     # logging
-    checkpoint_every: int = 20
+    checkpoint_every: int = 50
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
