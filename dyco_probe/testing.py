@@ -361,3 +361,124 @@ def tiny_tokenizer(vocab_size: int = 256):
         unk_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
+
+
+def save_tiny_checkpoint(family: str, path, seed: int = 0):
+    """Write a complete tiny random checkpoint of a model family to ``path`` (config, weights,
+    tokenizer, processor files), as a real local checkpoint directory would look.
+
+    ``family`` is ``"qwen2_5_vl"``, ``"qwen2_vl"`` or ``"llava"``. The tokenizer is the synthetic
+    task's word-level one, so the checkpoint can be driven with the synthetic examples. Returns ``path``.
+    """
+    from pathlib import Path
+
+    from dyco_probe.models.builtin import (
+        CHAT_TEMPLATE,
+        BuiltinArchitecture,
+        build_config,
+        build_processor,
+        build_tokenizer,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    arch = BuiltinArchitecture(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        vision_hidden=32,
+        vision_heads=2,
+        vision_intermediate=64,
+    )
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    if family in ("qwen2_5_vl", "qwen2_vl"):
+        config = build_config(tokenizer, arch)
+        processor = build_processor(tokenizer)
+        if family == "qwen2_5_vl":
+            from transformers import Qwen2_5_VLForConditionalGeneration as cls
+        else:
+            from transformers import Qwen2VLConfig
+            from transformers import Qwen2VLForConditionalGeneration as cls
+
+            text = config.text_config.to_dict()
+            vision = dict(
+                depth=2,
+                embed_dim=32,
+                hidden_size=arch.hidden_size,
+                mlp_ratio=2,
+                num_heads=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            )
+            config = Qwen2VLConfig(
+                text_config={k: v for k, v in text.items() if k not in ("model_type", "architectures")},
+                vision_config=vision,
+                image_token_id=config.image_token_id,
+                video_token_id=config.video_token_id,
+                vision_start_token_id=config.vision_start_token_id,
+                vision_end_token_id=config.vision_end_token_id,
+                tie_word_embeddings=True,
+            )
+        model = cls(config)
+    elif family == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        from transformers.models.llava.processing_llava import LlavaProcessor
+
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        image_size = 56
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=14,
+            projection_dim=32,
+        )
+        text = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=arch.hidden_size,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            image_seq_length=(image_size // 14) ** 2,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+        )
+        model = LlavaForConditionalGeneration(config)
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
+        template = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|> ", "<image> ")
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            chat_template=template,
+            num_additional_image_tokens=1,
+        )
+    else:
+        raise ValueError(f"unknown family {family!r}; choose qwen2_5_vl, qwen2_vl or llava")
+    torch.set_rng_state(state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
