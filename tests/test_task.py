@@ -98,7 +98,7 @@ def test_attributes_are_balanced_so_no_guess_beats_chance():
 
 
 def test_rendered_cells_hold_exactly_their_objects():
-    p = generate_problem(11)
+    p = generate_problem(11, TaskConfig(pixel_noise=0.0, colour_jitter=0))
     img = np.asarray(p.render()).astype(int)
     cp = p.config.cell_px
     occupied = {(o.row, o.col) for o in p.objects}

@@ -83,7 +83,9 @@ class BuiltinArchitecture:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 4
-    rope_theta: float = 10000.0
+    rope_theta: float = (
+        1000000.0  # Qwen2.5-VL's own; leaves most rotary pairs slow enough for content look-ups
+    )
     vision_depth: int = 2
     vision_hidden: int = 64
     vision_heads: int = 4

@@ -52,7 +52,11 @@ class TaskConfig:
     max_value: int = 9
     key_attributes: tuple[str, ...] = ("shape", "colour")  # which attribute names the objects
     lookup_verb: str = ""  # word between key and value in a look-up step ("" -> "triangle red")
-    jitter: int = 2
+    jitter: int = 2  # object position jitter within its cell, pixels
+    colour_jitter: int = 40  # per-channel colour noise
+    min_size: float = 0.18  # object half-width, fraction of the cell
+    max_size: float = 0.38
+    pixel_noise: float = 40.0  # Gaussian pixel noise (std, 0-255 units)
 
     def __post_init__(self):
         if not 1 <= self.n_shapes <= len(SHAPES):
@@ -132,8 +136,16 @@ class Problem:
 
     def render(self):
         """The scene as a PIL image."""
+        c = self.config
         return render_scene(
-            self.objects, self.config.grid, self.config.cell_px, jitter=self.config.jitter, seed=self.seed
+            self.objects,
+            c.grid,
+            c.cell_px,
+            jitter=c.jitter,
+            seed=self.seed,
+            colour_jitter=c.colour_jitter,
+            size_range=(c.min_size, c.max_size),
+            pixel_noise=c.pixel_noise,
         )
 
     def object_with(self, attribute: str, value: str) -> SceneObject | None:

@@ -86,11 +86,15 @@ def render_scene(
     *,
     jitter: int = 2,
     seed: int = 0,
+    colour_jitter: int = 15,
+    size_range: tuple[float, float] = (0.30, 0.38),
+    pixel_noise: float = 0.0,
 ) -> Image.Image:
     """Render a scene as an RGB image of ``grid * cell_px`` pixels a side.
 
-    Each object is drawn inside its own cell, with a little position, size and colour jitter
-    (deterministic in ``seed``) so that the vision tower must learn features, not pixel values.
+    Each object is drawn inside its own cell, with position jitter (pixels), size (fraction of the
+    cell), colour jitter (per channel) and optional Gaussian pixel noise (standard deviation in 0-255
+    units), all deterministic in ``seed``, so that the vision tower must learn features, not pixel values.
     """
     rng = random.Random(seed)
     side = grid * cell_px
@@ -101,10 +105,15 @@ def render_scene(
             raise ValueError(f"object {obj} lies outside the {grid}x{grid} grid")
         cx = (obj.col + 0.5) * cell_px + rng.uniform(-jitter, jitter)
         cy = (obj.row + 0.5) * cell_px + rng.uniform(-jitter, jitter)
-        size = cell_px * rng.uniform(0.30, 0.38)
+        size = cell_px * rng.uniform(*size_range)
         base = COLOURS[obj.colour]
-        fill = tuple(int(min(255, max(0, c + rng.randint(-15, 15)))) for c in base)
+        fill = tuple(int(min(255, max(0, c + rng.randint(-colour_jitter, colour_jitter)))) for c in base)
         draw_shape(draw, obj.shape, cx, cy, size, fill)
+    if pixel_noise > 0:
+        import numpy as np
+
+        noise = np.random.default_rng(seed).normal(0.0, pixel_noise, (side, side, 3))
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
     return image
 
 
