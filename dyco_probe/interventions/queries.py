@@ -15,7 +15,6 @@ itself in a teacher-forced run, only its probability.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Sequence
 
@@ -31,7 +30,6 @@ __all__ = [
     "matched_random",
     "role_tokens",
     "select_tokens",
-    "token_char_spans",
     "token_columns",
     "token_positions",
 ]
@@ -149,34 +147,14 @@ def token_columns(selection: Tensor, prompt_length: int | Tensor, num_columns: i
     return out.to(selection.device)
 
 
-def token_char_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
-    """Decoded text of `ids` (special tokens dropped) and each token's `(start, end)` character span
-    in it, from incremental decoding (works for word-level and BPE tokenizers alike)."""
-    spans, previous = [], ""
-    for k in range(len(ids)):
-        text = tokenizer.decode(list(ids[: k + 1]), skip_special_tokens=True)
-        if not text.startswith(previous):  # a merge rewrote earlier text: attribute it all to this token
-            start = len(os.path.commonprefix([text, previous]))
-        else:
-            start = len(previous)
-        spans.append((start, len(text)))
-        previous = text
-    return previous, spans
-
-
-_WORD = re.compile(r"\S+")
-
-
 def ground_truth_roles(tokenizer, completion_ids: Tensor, mask: Tensor, problems: Sequence) -> Tensor:
-    """Ground-truth token roles of the synthetic task (`dyco_probe.task.problems.label_words`).
+    """Ground-truth token roles of the synthetic task: `[B, T]` long `Role` values (padding neutral).
 
-    Each completion is decoded, split into words, labelled word by word against its problem, and
-    each token takes the role of the first word it overlaps (tokens without text, e.g. EOS, are
-    neutral). Returns `[B, T]` long `Role` values; padding is neutral.
+    The words of each completion are labelled against its problem and aligned to the tokens by
+    `dyco_probe.task.alignment.align_roles` (the ground truth the labellers use too).
     """
-    from ..task.problems import ROLE_TEXT, ROLE_VISUAL, label_words
+    from ..task.alignment import align_roles
 
-    value = {ROLE_VISUAL: int(Role.VISUAL), ROLE_TEXT: int(Role.TEXT)}
     out = torch.zeros(completion_ids.shape, dtype=torch.long)
     for i, problem in enumerate(problems):
         if problem is None:
@@ -184,12 +162,5 @@ def ground_truth_roles(tokenizer, completion_ids: Tensor, mask: Tensor, problems
                 f"sample {i} has no synthetic problem: ground-truth roles need the synthetic task"
             )
         n = int(mask[i].sum())
-        text, spans = token_char_spans(tokenizer, completion_ids[i, :n].tolist())
-        words = [(m.start(), m.end(), m.group()) for m in _WORD.finditer(text)]
-        labels = label_words([w for _, _, w in words], problem)
-        for t, (a, b) in enumerate(spans):
-            for (ws, we, _), word in zip(words, labels):
-                if ws < b and a < we:
-                    out[i, t] = value.get(word.role, int(Role.NEUTRAL))
-                    break
+        out[i, :n] = torch.tensor(align_roles(tokenizer, completion_ids[i, :n].tolist(), problem).roles)
     return out.to(completion_ids.device)

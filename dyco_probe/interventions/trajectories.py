@@ -22,8 +22,9 @@ from torch import Tensor
 
 from ..rewards import answers_match, extract_answer
 from ..spans import Spans, spans_for_model
+from ..task.alignment import token_char_spans
 from .attention import intervene
-from .queries import ground_truth_roles, token_char_spans, token_columns
+from .queries import ground_truth_roles, token_columns
 from .readouts import (
     _eos_ids,
     _pad_id,
