@@ -1,51 +1,444 @@
-"""``make demo``: the main job on the built-in model.
+"""``make demo``: the whole story on the built-in model, in a few minutes on a laptop CPU.
 
-Loads the built-in model, evaluates it on the synthetic test split (normal, blank and swapped images)
-and prints one worked example with its chain of thought.
+    python -m dyco_probe.demo                       # writes runs/demo/, ends with runs/demo/report.html
+    python -m dyco_probe.demo --fresh               # start over
+    python -m dyco_probe.demo --model /path/ckpt    # another checkpoint (synthetic task)
+
+Stages, each printing what it does, the command-line equivalent, its findings and its time:
+
+1. **trace**: greedy completions of the synthetic test split, traced online (last layer, all heads,
+   with each token's attention over the image); accuracy, and under blank and swapped images;
+2. **roles**: the paper's Fisher–Rao rule and a ratio baseline against the task's ground-truth roles;
+3. **tokens**: token-level analysis of correct vs incorrect trajectories (role fractions, `s_t`,
+   switch rate, AUROC of the sample score);
+4. **interventions**: the headline experiment: knock out image attention of visual-role tokens and
+   text-history attention of text-role tokens, against matched random tokens
+   (`analyses/interventions_headline.py`);
+5. **rl**: a short GRPO run with DyCo off and with token-level DyCo, same seed and data;
+6. **report**: one self-contained HTML page of it all (`dyco-probe report`).
+
+Everything lands in the run directory (layout: ``dyco_probe.report``); ``run.json`` records the
+settings and each stage's time. A rerun skips finished stages and resumes interrupted ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("trace", "roles", "tokens", "interventions", "rl", "report")
+
+# The defaults are sized for the built-in model on a 2-core CPU (about 10 minutes in all at most);
+# --quick shrinks everything to check the pipeline in seconds.
+DEFAULTS = dict(
+    n=200,
+    max_new_tokens=96,
+    batch_size=32,
+    n_interventions=32,
+    rl_steps=40,
+    rl_eval=100,
+    rl_prompts=4,
+    rl_generations=8,
+    rl_max_new_tokens=72,
+    n_boot=1000,
+)
+QUICK = dict(
+    n=8,
+    max_new_tokens=24,
+    batch_size=4,
+    n_interventions=4,
+    rl_steps=2,
+    rl_eval=4,
+    rl_prompts=2,
+    rl_generations=2,
+    rl_max_new_tokens=12,
+    n_boot=100,
+)
+
+
+class Demo:
+    """The stages over one run directory, with the narrative and the record in ``run.json``."""
+
+    def __init__(self, args):
+        from dyco_probe.report import RunDirectory
+
+        self.args = args
+        self.run = RunDirectory(args.out)
+        self.settings = {
+            "model": args.model,
+            **{k: getattr(args, k) for k in DEFAULTS},
+            "seed": args.seed,
+            "threads": args.threads,
+        }
+        self.record = self.run.settings()
+        self._handle = None
+        self.t_start = time.perf_counter()
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if self.args.fresh and self.run.root.exists():
+            shutil.rmtree(self.run.root)
+            self.record = {}
+        old = self.record.get("settings")
+        if old is not None and old != self.settings:
+            changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+            raise SystemExit(
+                f"{self.run.root} holds a demo run with other settings ({', '.join(changed)}); "
+                f"rerun with --fresh, or choose another --out"
+            )
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        self.record.setdefault("settings", self.settings)
+        self.record.setdefault("stages", {})
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.run.run_json.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(self.record, indent=2, default=str) + "\n")
+        tmp.replace(self.run.run_json)
+
+    def done(self, stage: str) -> bool:
+        return bool(self.record["stages"].get(stage, {}).get("done"))
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            from dyco_probe.models.loading import load
+
+            self._handle = load(self.args.model)
+        return self._handle
+
+    def say(self, text: str = "") -> None:
+        print(("      " + text) if text else "", flush=True)
+
+    def stage(self, k: int, name: str, what: str, func, equivalent: str | None = None) -> None:
+        print(f"\n[{k}/{len(STAGES)}] {name}: {what}", flush=True)
+        if equivalent:
+            self.say(f"same as: {equivalent}")
+        if name in self.args.skip:
+            self.say("skipped (--skip)")
+            return
+        if self.done(name) and name != "report":
+            previous = self.record["stages"][name]
+            self.say(f"already done in an earlier run ({previous['seconds']:.1f} s); findings:")
+            for line in previous.get("findings", []):
+                self.say(line)
+            return
+        t0 = time.perf_counter()
+        findings = func() or []
+        seconds = time.perf_counter() - t0
+        for line in findings:
+            self.say(line)
+        self.say(f"done in {seconds:.1f} s")
+        self.record["stages"][name] = {"done": True, "seconds": round(seconds, 2), "findings": findings}
+        self.save()
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def trace(self) -> list[str]:
+        from dyco_probe.api import trace
+        from dyco_probe.data import synthetic_examples
+        from dyco_probe.evaluation import evaluate
+        from dyco_probe.tracing import TraceConfig
+
+        a = self.args
+        examples = synthetic_examples("test", a.n)
+        parts = self.run.root / "trace.parquet.parts"
+        result = trace(
+            self.handle,
+            examples,
+            config=TraceConfig(image_rows=True),
+            max_new_tokens=a.max_new_tokens,
+            batch_size=a.batch_size,
+            parts=parts,
+            progress=not a.quiet,
+        )
+        result.save(self.run.trace)
+        shutil.rmtree(parts, ignore_errors=True)
+        s = result.summary()
+        controls = {}
+        for mode in ("blank", "swap"):
+            res = evaluate(
+                self.handle,
+                examples,
+                image_mode=mode,
+                max_new_tokens=a.max_new_tokens,
+                batch_size=a.batch_size,
+                progress=False,
+            )
+            controls[mode] = res.accuracy
+        self.record["image_controls"] = controls
+        rec, ex = result.records[0], examples[0]
+        roles = s["role_fractions"]
+        return [
+            f"accuracy {s['accuracy']:.3f} on {s['samples']} problems (format {s['format_rate']:.3f}); with blank "
+            f"images {controls['blank']:.3f}, with another problem's image {controls['swap']:.3f}",
+            f"{s['tokens']} completion tokens; roles (SPEC §4, Fisher–Rao): visual {roles['visual']:.3f}, "
+            f"text {roles['text']:.3f}, neutral {roles['neutral']:.3f}",
+            f"worked example: {ex.question.replace('<image>', '[image]')}",
+            f"  model: {rec['completion']}",
+            f"  gold:  {ex.completion}  ({'correct' if rec['correct'] else 'incorrect'})",
+            f"-> {self.run.trace}",
+        ]
+
+    def roles(self) -> list[str]:
+        from dyco_probe.report import role_agreement
+        from dyco_probe.tracing import Trace
+
+        agreement = role_agreement(Trace.load(self.run.trace), self.handle.tokenizer)
+        self.run.roles.write_text(json.dumps(agreement, indent=2) + "\n")
+        lines = ["true roles: " + ", ".join(f"{k} {v:.3f}" for k, v in agreement["truth_fractions"].items())]
+        for name, res in agreement["labellers"].items():
+            ex = res["excluded"]
+            f1 = {r: v["f1"] for r, v in ex["roles"].items()}
+            lines.append(
+                f"{name} ({res['setting']}): macro F1 {_f(ex['macro_f1'])} (visual {_f(f1.get('visual'))}, "
+                f"text {_f(f1.get('text'))}; neutral tokens excluded)"
+            )
+        peak = agreement.get("attention_peak")
+        if peak and peak.get("tokens"):
+            lines.append(
+                f"image attention of true visual tokens peaks on the named object for {_f(peak['share'])} "
+                f"of them (chance {_f(peak['chance'])})"
+            )
+        return lines + [f"-> {self.run.roles}"]
+
+    def tokens(self) -> list[str]:
+        from dyco_probe.analysis import analyse_tokens
+        from dyco_probe.tracing import Trace
+        from dyco_probe.viz import save_token_analysis_figures
+
+        analysis = analyse_tokens(Trace.load(self.run.trace), n_boot=self.args.n_boot)
+        save_token_analysis_figures(analysis, self.run.figures)
+        h = analysis.headline()
+        au = h["auroc_sample_score"]
+        lines = []
+        for g in ("correct", "incorrect"):
+            fr = h["role_fractions"][g]
+            lines.append(
+                f"{g:9s}: visual {_f(fr['visual'])}, text {_f(fr['text'])}; mean s_t {_f(h['mean_s'][g])}; "
+                f"role-switch rate {_f(h['switch_rate'][g])}"
+            )
+        lines.append(
+            f"sample score vs correctness: AUROC {_f(au['auroc'])} (95% CI {_f(au['ci_low'])} to {_f(au['ci_high'])})"
+        )
+        return lines + [f"-> {self.run.figures}/token_analysis_*.png/.pdf"]
+
+    def interventions(self) -> list[str]:
+        script = ROOT / "analyses" / "interventions_headline.py"
+        if not script.exists():
+            return [
+                "skipped: analyses/interventions_headline.py is not here (run the demo from the repository)"
+            ]
+        a = self.args
+        cmd = [
+            sys.executable,
+            "-m",
+            "analyses.interventions_headline",
+            "--model",
+            a.model,
+            "--n",
+            str(a.n_interventions),
+            "--batch-size",
+            str(min(16, a.n_interventions)),
+            "--max-new-tokens",
+            str(min(64, a.max_new_tokens)),
+            "--runs",
+            str(self.run.interventions),
+            "--figures",
+            str(self.run.interventions),
+            "--threads",
+            str(a.threads),
+            "--quiet",
+            "--n-boot",
+            str(a.n_boot),
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the headline intervention analysis failed:\n{done.stdout}\n{done.stderr}")
+        return _headline_findings(self.run.interventions) + [
+            f"-> {self.run.interventions}/interventions_headline.md, .png"
+        ]
+
+    def rl(self) -> list[str]:
+        from dyco_probe.rl import RLConfig, train
+
+        a = self.args
+        lines = []
+        for dyco in ("off", "token"):
+            out = self.run.rl / f"grpo-{dyco}"
+            config = RLConfig(
+                out_dir=str(out),
+                model=a.model,
+                seed=a.seed,
+                steps=a.rl_steps,
+                n_eval=a.rl_eval,
+                eval_every=max(1, a.rl_steps // 2),
+                eval_max_new_tokens=a.max_new_tokens,
+                prompts_per_step=a.rl_prompts,
+                num_generations=a.rl_generations,
+                max_new_tokens=a.rl_max_new_tokens,
+                dyco=dyco,
+                trace_when_off=True,  # the baseline's role and s_t metrics, advantages unchanged
+                checkpoint_every=10,
+                threads=a.threads,
+                resume=(out / "checkpoint.pt").exists(),
+            )
+            t0 = time.perf_counter()
+            self.say(f"training grpo with DyCo {dyco} ({a.rl_steps} steps) ...")
+            result = train(config, progress=not a.quiet)
+            first, last = result.initial_eval, result.final_eval
+            lines.append(
+                f"DyCo {dyco:5s}: held-out accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f} "
+                f"(95% CI {last['accuracy_ci_low']:.3f}-{last['accuracy_ci_high']:.3f}, n={last['n']}) "
+                f"in {time.perf_counter() - t0:.0f} s"
+            )
+        return lines + [
+            "(a short run on one seed: a smoke test of the loop, not evidence; analyses/rl_comparison.py runs the comparison)",
+            f"-> {self.run.rl}/grpo-off, grpo-token",
+        ]
+
+    def report(self) -> list[str]:
+        from dyco_probe.report import build_report, report_status
+
+        path = build_report(self.run.root, n_boot=self.args.n_boot)
+        status = report_status(path)
+        missing = [t for t, ok in status.items() if not ok]
+        lines = [f"sections: {', '.join(t for t, ok in status.items() if ok)}"]
+        if missing:
+            lines.append(f"not in this run: {', '.join(missing)}")
+        return lines + [f"-> {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained, opens offline)"]
+
+
+def _f(x) -> str:
+    return "–" if x is None or x != x else f"{x:.3f}"
+
+
+def _s(x) -> str:
+    return "–" if x is None or x != x else f"{x:+.3f}"
+
+
+def _headline_findings(folder: Path) -> list[str]:
+    """Two lines from the headline table: knockout at all layers on the role's tokens vs the random control."""
+    import math
+
+    import pandas as pd
+
+    path = folder / "interventions_headline.csv"
+    if not path.exists():
+        return []
+    table = pd.read_csv(path)
+    lines = []
+    for experiment in table["experiment"].unique():
+        for readout in ("dacc", "dlogp_answer"):
+            rows = table[
+                (table["experiment"] == experiment)
+                & (table["readout"] == readout)
+                & (table["layers"].astype(str) == "all")
+                & (table["role_source"] == "fisher_rao")
+                & (table["target"] == table["role"])
+            ]
+            if rows.empty:
+                continue
+            r = rows.iloc[0]
+            diff = r.get("diff_vs_random", math.nan)
+            label = "Δ accuracy" if readout == "dacc" else "Δ log p(answer)"
+            lines.append(
+                f"{experiment}, all layers, Fisher–Rao {r['role']} tokens: {label} {_s(r['mean'])} "
+                f"[{_s(r['ci_low'])}, {_s(r['ci_high'])}]; vs matched random tokens {_s(diff)}"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dyco_probe.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="builtin")
-    parser.add_argument("--n", type=int, default=200, help="test examples to evaluate")
+    parser = argparse.ArgumentParser(
+        prog="python -m dyco_probe.demo",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[6:21]),
+    )
+    parser.add_argument("--model", default="builtin", help="'builtin' or a checkpoint directory")
+    parser.add_argument("--out", default="runs/demo", help="run directory")
+    parser.add_argument("--fresh", action="store_true", help="remove the run directory first")
+    parser.add_argument("--quick", action="store_true", help="tiny settings: checks the pipeline in seconds")
+    parser.add_argument("--skip", nargs="*", default=[], choices=STAGES, help="stages to leave out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: best on a shared CPU)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    for k, v in DEFAULTS.items():
+        parser.add_argument(
+            "--" + k.replace("_", "-"),
+            type=type(v),
+            default=None,
+            help=f"default {v} ({QUICK[k]} with --quick)",
+        )
     args = parser.parse_args(argv)
+    for k, v in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
     import torch
 
-    from dyco_probe.data import synthetic_examples
-    from dyco_probe.evaluation import evaluate
-    from dyco_probe.models.loading import load
-
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    handle = load(args.model)
-    examples = synthetic_examples("test", args.n)
-    print(f"dyco_probe demo: {args.model} on {args.n} synthetic test examples\n")
-    results = {}
-    for mode in ("normal", "blank", "swap"):
-        res = evaluate(handle, examples, image_mode=mode, progress=True)
-        lo, hi = res.accuracy_ci
-        print(
-            f"  {mode:6s} images: accuracy {res.accuracy:.3f} (95% CI {lo:.3f}-{hi:.3f}), {res.samples_per_second:.0f} samples/s"
-        )
-        results[mode] = res
-    ex, rec = examples[0], results["normal"].records[0]
-    print("\nworked example")
-    print(f"  question : {ex.question}")
-    print(f"  scene    : {', '.join(f'{o.colour} {o.shape}' for o in ex.problem.objects)}")
-    print(f"  model    : {rec['completion']}")
-    print(f"  gold     : {ex.completion}")
-    print(f"  correct  : {rec['correct']}")
-    summary = {m: r.summary() for m, r in results.items()}
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    print("\n" + json.dumps(summary))
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    demo = Demo(args)
+    demo.open()
+    m = args.model
+    print(f"dyco_probe demo: model {m}, run directory {demo.run.root} (a rerun skips finished stages)")
+    demo.stage(
+        1,
+        "trace",
+        f"greedy completions of {args.n} synthetic test problems, traced online",
+        demo.trace,
+        f"dyco-probe trace --model {m} --split test --n {args.n} --image-rows --out {demo.run.trace}",
+    )
+    demo.stage(
+        2,
+        "roles",
+        "label every token: Fisher–Rao rule and ratio baseline vs the task's ground truth",
+        demo.roles,
+        f"dyco-probe roles --trace {demo.run.trace} --against ground_truth",
+    )
+    demo.stage(
+        3,
+        "tokens",
+        "token-level analysis of correct vs incorrect trajectories",
+        demo.tokens,
+        f"python -m analyses.token_analysis --trace {demo.run.trace}",
+    )
+    demo.stage(
+        4,
+        "interventions",
+        f"knock out image / text-history attention by token role on {args.n_interventions} problems",
+        demo.interventions,
+        f"python -m analyses.interventions_headline --n {args.n_interventions} --runs {demo.run.interventions} "
+        f"--figures {demo.run.interventions}",
+    )
+    demo.stage(
+        5,
+        "rl",
+        f"GRPO for {args.rl_steps} steps with DyCo off and with token-level DyCo",
+        demo.rl,
+        f"dyco-probe train --dyco token --steps {args.rl_steps} --out {demo.run.rl}/grpo-token",
+    )
+    demo.stage(6, "report", "write the HTML report", demo.report, f"dyco-probe report --run {demo.run.root}")
+    total = time.perf_counter() - demo.t_start
+    demo.record["last_wall_seconds"] = round(total, 1)
+    demo.save()
+    times = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in demo.record["stages"].items())
+    print(f"\nfinished in {total:.0f} s this time (stages when run: {times})")
+    print(f"open {demo.run.report}")
     return 0
 
 
