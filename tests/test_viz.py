@@ -202,3 +202,10 @@ def test_save_html_is_self_contained(tmp_path):
     assert len(text) > 1_000_000  # plotly.js inlined
     fragment = viz.figure_html(fig)
     assert "plotly-graph-div" in fragment and len(fragment) < 200_000
+
+
+def test_save_html_of_several_figures_inlines_plotly_once(tmp_path):
+    trace = make_trace(batch=2)
+    path = viz.save_html([viz.token_timeline(trace, 0), viz.token_timeline(trace, 1)], tmp_path / "two.html")
+    text = path.read_text()
+    assert text.count("* plotly.js v") == 1 and text.count("plotly-graph-div") == 2

@@ -372,9 +372,20 @@ def figure_html(fig, *, include_plotlyjs: bool = False, height: str | None = Non
     )
 
 
-def save_html(fig, path) -> Path:
-    """Write a self-contained HTML page of `fig` (plotly.js inlined, no network needed to open it)."""
+def save_html(fig, path, *, title: str = "dyco_probe") -> Path:
+    """Write a self-contained HTML page (plotly.js inlined once, no network needed to open it) of one
+    figure or a list of figures, one below the other."""
+    import plotly.offline
+
+    figs = list(fig) if isinstance(fig, (list, tuple)) else [fig]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(path, include_plotlyjs=True, full_html=True, config={"displaylogo": False})
+    body = "".join(f"<div>{figure_html(f)}</div>" for f in figs)
+    path.write_text(
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title>"
+        f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
+        f"<body style='font-family:sans-serif'>{body}</body></html>",
+        encoding="utf-8",
+    )
     return path
