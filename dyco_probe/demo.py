@@ -8,7 +8,9 @@ Stages, each printing what it does, the command-line equivalent, its findings an
 
 1. **trace**: greedy completions of the synthetic test split, traced online (last layer, all heads,
    with each token's attention over the image); accuracy, and under blank and swapped images;
-2. **roles**: the paper's Fisher–Rao rule and a ratio baseline against the task's ground-truth roles;
+2. **roles**: the paper's Fisher–Rao rule and a ratio baseline against the task's ground-truth roles,
+   then the full labeller validation (`analyses/validate_labellers.py`: every distance, layer and
+   head, a threshold sweep);
 3. **tokens**: token-level analysis of correct vs incorrect trajectories (role fractions, `s_t`,
    switch rate, AUROC of the sample score);
 4. **interventions**: the headline experiment: knock out image attention of visual-role tokens and
@@ -48,6 +50,7 @@ DEFAULTS = dict(
     rl_generations=8,
     rl_max_new_tokens=72,
     n_boot=1000,
+    labeller_completions="generated",
 )
 QUICK = dict(
     n=8,
@@ -60,6 +63,7 @@ QUICK = dict(
     rl_generations=2,
     rl_max_new_tokens=12,
     n_boot=100,
+    labeller_completions="gold",  # ground truth exists for the gold chains whatever the model writes
 )
 
 
@@ -208,7 +212,43 @@ class Demo:
                 f"image attention of true visual tokens peaks on the named object for {_f(peak['share'])} "
                 f"of them (chance {_f(peak['chance'])})"
             )
-        return lines + [f"-> {self.run.roles}"]
+        lines.append(f"-> {self.run.roles}")
+        a = self.args
+        self.say("full validation: every labeller and distance, each layer and head, a threshold sweep ...")
+        done = self._script(
+            "validate_labellers",
+            ["--n", str(a.n), "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens)]
+            + ["--completions", a.labeller_completions],
+            ["--out", str(self.run.labellers), "--runs", str(self.run.labellers / "traces")],
+        )
+        if done is True:
+            lines.append(f"-> {self.run.labellers}/labeller_validation.md, .csv, figures")
+        elif done:
+            lines.append(done)
+        return lines
+
+    def _script(self, name: str, options: list[str], outputs: list[str]):
+        """Run `python -m analyses.<name>` (from the repository) with the demo's model and threads.
+
+        Returns True when it ran, False when the script is not here, and a warning line when it failed
+        (its output is kept in `<run>/<name>.log`; the demo goes on: one analysis failing should not
+        cost the others)."""
+        if not (ROOT / "analyses" / f"{name}.py").exists():
+            self.say(f"skipped: analyses/{name}.py is not here (run the demo from the repository)")
+            return False
+        cmd = [sys.executable, "-m", f"analyses.{name}", "--model", self.args.model, *options, *outputs]
+        cmd += ["--threads", str(self.args.threads)]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode == 0:
+            return True
+        log = self.run.root / f"{name}.log"
+        log.write_text(f"$ {' '.join(cmd)}\n\n{done.stdout}\n{done.stderr}")
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        return f"WARNING: analyses/{name}.py failed ({last}); its output is in {log}"
 
     def tokens(self) -> list[str]:
         from dyco_probe.analysis import analyse_tokens
@@ -232,44 +272,17 @@ class Demo:
         return lines + [f"-> {self.run.figures}/token_analysis_*.png/.pdf"]
 
     def interventions(self) -> list[str]:
-        script = ROOT / "analyses" / "interventions_headline.py"
-        if not script.exists():
-            return [
-                "skipped: analyses/interventions_headline.py is not here (run the demo from the repository)"
-            ]
         a = self.args
-        cmd = [
-            sys.executable,
-            "-m",
-            "analyses.interventions_headline",
-            "--model",
-            a.model,
-            "--n",
-            str(a.n_interventions),
-            "--batch-size",
-            str(min(16, a.n_interventions)),
-            "--max-new-tokens",
-            str(min(64, a.max_new_tokens)),
-            "--runs",
-            str(self.run.interventions),
-            "--figures",
-            str(self.run.interventions),
-            "--threads",
-            str(a.threads),
-            "--quiet",
-            "--n-boot",
-            str(a.n_boot),
-        ]
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"the headline intervention analysis failed:\n{done.stdout}\n{done.stderr}")
-        return _headline_findings(self.run.interventions) + [
-            f"-> {self.run.interventions}/interventions_headline.md, .png"
-        ]
+        folder = str(self.run.interventions)
+        done = self._script(
+            "interventions_headline",
+            ["--n", str(a.n_interventions), "--batch-size", str(min(16, a.n_interventions))],
+            ["--max-new-tokens", str(min(64, a.max_new_tokens)), "--runs", folder, "--figures", folder]
+            + ["--quiet", "--n-boot", str(a.n_boot)],
+        )
+        if done is not True:
+            return [done] if done else []
+        return _headline_findings(self.run.interventions) + [f"-> {folder}/interventions_headline.md, .png"]
 
     def rl(self) -> list[str]:
         from dyco_probe.rl import RLConfig, train
@@ -366,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m dyco_probe.demo",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[6:21]),
+        epilog=__doc__[__doc__.index("Stages,") :],
     )
     parser.add_argument("--model", default="builtin", help="'builtin' or a checkpoint directory")
     parser.add_argument("--out", default="runs/demo", help="run directory")
@@ -389,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, k, v)
 
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # weight loading and saving bars: noise in the narrative
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     demo = Demo(args)
@@ -406,9 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.stage(
         2,
         "roles",
-        "label every token: Fisher–Rao rule and ratio baseline vs the task's ground truth",
+        "label every token and validate the labellers against the task's ground truth",
         demo.roles,
-        f"dyco-probe roles --trace {demo.run.trace} --against ground_truth",
+        f"dyco-probe roles --trace {demo.run.trace} --against ground_truth; "
+        f"python -m analyses.validate_labellers --n {args.n} --out {demo.run.labellers}",
     )
     demo.stage(
         3,
