@@ -386,6 +386,24 @@ def _layer_order(name) -> tuple:
     return (0, int(head), name) if head.isdigit() else (0, 10**6, name)
 
 
+_SOURCES = {"fisher_rao": "Fisher–Rao roles", "ground_truth": "ground-truth roles"}
+
+
+def _panel_title(values: dict) -> str:
+    """E.g. "image keys · knockout · Fisher–Rao roles" (strength shown when it is not a knockout)."""
+    parts = []
+    if values.get("keys") is not None and str(values.get("keys")) != "nan":
+        parts.append(f"{values['keys']} keys")
+    kind = values.get("kind")
+    strength = values.get("strength")
+    if kind is not None:
+        scaled = isinstance(strength, (int, float)) and math.isfinite(strength) and strength != 0
+        parts.append(f"{kind} (λ={strength:g})" if scaled else str(kind))
+    if values.get("role_source") is not None:
+        parts.append(_SOURCES.get(values["role_source"], str(values["role_source"])))
+    return " · ".join(parts)
+
+
 def plot_intervention_effects(summary, value_label: str | None = None):
     """Intervention effects against the intervened layers, one panel per (intervention, role source).
 
@@ -433,7 +451,7 @@ def plot_intervention_effects(summary, value_label: str | None = None):
             ax.set_xticks(range(len(windows)), [w if w == "all" else f"L{w}" for w in windows])
             ax.set_xlabel("intervened layers")
             ax.set_ylabel(value_label or "effect")
-            ax.set_title(", ".join(f"{c} {v}" for c, v in zip(panel_cols, key)), fontsize=8)
+            ax.set_title(_panel_title(dict(zip(panel_cols, key))), fontsize=8)
             ax.legend(title="target tokens")
     return fig
 
