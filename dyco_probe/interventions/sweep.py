@@ -13,7 +13,10 @@ the sweep goes on (`retry_failed=True` reruns them).
 
 Several processes (`accelerate launch` / `torchrun`, or `RANK` / `WORLD_SIZE` set by hand) take
 conditions round-robin (condition k goes to rank k mod world size) and write their own part; run
-`merge_sweep` (`dyco-probe sweep FILE --merge`) when all are done.
+`merge_sweep` (`dyco-probe sweep FILE --merge`) when all are done. The processes never communicate,
+so on a CPU-only machine `accelerate launch --multi_gpu --num_processes 2 -m dyco_probe.cli sweep
+FILE` works too (`--multi_gpu` only selects the torchrun launcher; each process uses
+`cuda:<LOCAL_RANK>` when CUDA is there, else the CPU).
 """
 
 from __future__ import annotations
