@@ -50,8 +50,9 @@ class Stage:
     task: TaskConfig
 
 
-def _default_curriculum() -> tuple[Stage, ...]:
-    final = TaskConfig()
+def default_curriculum(final: TaskConfig | None = None) -> tuple[Stage, ...]:
+    """Dense look-ups (4-6 per question) for the first 30% of the language steps, then the task."""
+    final = final or TaskConfig()
     return (
         Stage(0.3, replace(final, min_hops=4, max_hops=6)),  # dense look-ups first
         Stage(1.0, final),
@@ -70,20 +71,20 @@ class PretrainConfig:
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
     # phase 2: language model
-    steps: int = 2500
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     visual_weight: float = 3.0  # loss weight of look-up tokens
-    curriculum: tuple[Stage, ...] = field(default_factory=_default_curriculum)
+    curriculum: tuple[Stage, ...] = field(default_factory=default_curriculum)
     attention_hint_weight: float = 1.0
     attention_hint_until: float = 0.4  # fraction of the language steps; the weight decays to 0 by then
     attention_hint_head: int = 0  # head of the last layer that gets the hint
     # bookkeeping
     checkpoint_every: int = 100
-    eval_every: int = 250
+    eval_every: int = 500
     eval_n: int = 128
     threads: int | None = None
 
@@ -111,6 +112,10 @@ class PretrainConfig:
             eval_every=0,
             eval_n=8,
         )
+
+    def with_task(self, task: TaskConfig) -> PretrainConfig:
+        """The default curriculum ending in ``task``."""
+        return replace(self, curriculum=default_curriculum(task))
 
     def with_overrides(self, **kw) -> PretrainConfig:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})

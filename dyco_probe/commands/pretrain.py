@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,8 +12,11 @@ from dyco_probe.commands import add_command, emit
 def run(args) -> int:
     from dyco_probe.models.builtin import BUILTIN_DIR
     from dyco_probe.pretrain import PretrainConfig, pretrain
+    from dyco_probe.task.problems import TaskConfig
 
     cfg = PretrainConfig()
+    if args.task_config:
+        cfg = cfg.with_task(TaskConfig.from_dict(json.loads(args.task_config)))
     if args.tiny:
         cfg = cfg.tiny()
     cfg = cfg.with_overrides(
@@ -44,6 +48,10 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--task-config",
+        help="JSON object of TaskConfig knobs for the final task, e.g. '{\"pixel_noise\": 50}'",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--tiny", action="store_true", help="a few steps of a tiny model (tests, smoke runs)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
