@@ -255,7 +255,9 @@ def image_view(
         image: the picture (PIL image or array); default: from `examples` by example id, or re-rendered
             from the synthetic task's record; without any, the heat-map is drawn alone.
         examples: `Example`s to take the image from.
-        grid: `(rows, cols)` of the image's merged tokens (default: `infer_token_grid`).
+        grid: `(rows, cols)` of the image's merged tokens (default: `infer_token_grid`; Qwen-VL's
+            processor gives it exactly as `image_grid_thw[1:] // merge_size`). The cells are laid over
+            the whole picture: for processors that crop (LLaVA's centre crop), pass the cropped image.
         image_index: which image of a multi-image prompt (its tokens are split evenly unless `grid`
             says otherwise; the tokens of image k follow those of images 0..k-1).
         roles, config: roles of the tokens (labeller output) and scorer settings, for the labels.
