@@ -174,6 +174,11 @@ def test_rerun_skips_finished_work_and_new_grid_entries_run(tmp_path, handle, re
     again = run_sweep(config, handle=handle, progress=False)
     assert again.rows_written == 0 and again.skipped == len(reference)
     check_complete(merge_sweep(config), reference)
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert (
+        len(summary) == N_CONDITIONS and (summary["n_items"] == 4).all() and (summary["n_errors"] == 0).all()
+    )
+    assert {"dacc", "dacc_low", "dacc_high", "dlogp_target", "n_targets"} <= set(summary.columns)
 
     extended = SweepConfig.load(
         write(

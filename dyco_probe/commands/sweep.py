@@ -22,6 +22,7 @@ def run(args) -> int:
         result = {
             "out": config.out,
             "results": f"{config.out}/results.parquet",
+            "summary": f"{config.out}/summary.csv",
             "rows": len(frame),
             "conditions": int(frame["condition_id"].nunique()),
             "errors": errors,

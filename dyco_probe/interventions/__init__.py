@@ -48,7 +48,7 @@ from .readouts import generate_greedy, regenerate, teacher_forced_inputs, token_
 from .spec import KEY_SPANS, Intervention, KeyLayout, layer_windows, parse_layers
 from .stats import PairedComparison, bootstrap_ci, cohens_d, compare_to_control, paired_comparison, summarize
 from .store import ResultStore
-from .sweep import SweepSummary, load_sweep_model, merge_sweep, run_sweep, sweep_examples
+from .sweep import SweepSummary, load_sweep_model, merge_sweep, run_sweep, summarize_sweep, sweep_examples
 from .trajectories import ROLE_SOURCES, Trajectories, prepare_trajectories
 
 __all__ = [
@@ -91,6 +91,7 @@ __all__ = [
     "run_sweep",
     "select_tokens",
     "summarize",
+    "summarize_sweep",
     "sweep_examples",
     "teacher_forced_inputs",
     "token_columns",

@@ -27,6 +27,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -41,7 +42,14 @@ from .queries import select_tokens
 from .store import ResultStore
 from .trajectories import Trajectories, prepare_trajectories
 
-__all__ = ["SweepSummary", "load_sweep_model", "merge_sweep", "run_sweep", "sweep_examples"]
+__all__ = [
+    "SweepSummary",
+    "load_sweep_model",
+    "merge_sweep",
+    "run_sweep",
+    "summarize_sweep",
+    "sweep_examples",
+]
 
 TEACHER_FORCED = (
     "n_targets",
@@ -383,7 +391,7 @@ def run_sweep(
         bar.close()
     store.compact()
     if (world_size == 1) if merge is None else merge:
-        store.merge()
+        merge_sweep(store.out)
     return SweepSummary(
         out=str(store.out),
         rank=rank,
@@ -396,7 +404,48 @@ def run_sweep(
     )
 
 
+SUMMARY_METRICS = ("dacc", "dlogp_answer", "dlogp_target", "dlogp_after")
+CONDITION_COLUMNS = (
+    "condition_id",
+    "kind",
+    "keys",
+    "strength",
+    "target",
+    "role_source",
+    "layers",
+    "heads",
+    "slice",
+    "donor",
+    "direction",
+)
+
+
+def summarize_sweep(frame, n_boot: int = 1000):
+    """One row per condition: its columns, `n_items`, `n_errors`, mean `n_targets`, and for each
+    effect (`SUMMARY_METRICS`) the mean with its bootstrap 95% CI (`<metric>`, `<metric>_low`,
+    `<metric>_high`) over the samples the condition touched."""
+    import pandas as pd
+
+    from .stats import bootstrap_ci
+
+    rows = []
+    for _, group in frame.groupby("condition_id", sort=False):
+        first = group.iloc[0]
+        ok = group[group["status"] == "ok"]
+        row = {c: first[c] for c in CONDITION_COLUMNS if c in group}
+        row.update(n_items=len(group), n_errors=int((group["status"] != "ok").sum()))
+        row["n_targets"] = float(ok["n_targets"].mean()) if "n_targets" in ok and len(ok) else math.nan
+        for m in SUMMARY_METRICS:
+            if m in ok:
+                row[m], row[f"{m}_low"], row[f"{m}_high"] = bootstrap_ci(ok[m], n_boot=n_boot)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def merge_sweep(config_or_out):
-    """Join every process's part of a sweep into `results.parquet`; returns the rows as a DataFrame."""
+    """Join every process's part of a sweep into `results.parquet` (one row per condition and
+    item) and write `summary.csv` (`summarize_sweep`); returns the rows as a DataFrame."""
     out = config_or_out.out if isinstance(config_or_out, SweepConfig) else config_or_out
-    return ResultStore(out).merge()
+    frame = ResultStore(out).merge()
+    summarize_sweep(frame).to_csv(Path(out) / "summary.csv", index=False, float_format="%.6g")
+    return frame
