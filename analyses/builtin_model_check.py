@@ -45,7 +45,7 @@ def lookup_statistics(handle, problems, blank: bool = False, batch_size: int = 5
         chunk = problems[start : start + batch_size]
         if blank:
             chunk = [_blanked(p, blank_image) for p in chunk]
-        inputs, _, lookups = language_batch(handle, chunk, 1.0)
+        inputs, _, lookups, _ = language_batch(handle, chunk, 1.0)
         outputs, probs = forward_with_last_layer_attention(handle.model, inputs)
         ids = inputs["input_ids"]
         mean = probs.mean(1)

@@ -15,8 +15,11 @@ Attending to the right token is a retrieval circuit that a model this small does
 in a CPU budget (look-up accuracy stays at chance for thousands of steps). A *hint* bootstraps it: for
 the first ``attention_hint_until`` of the language steps, an extra loss asks one head of the last layer
 (``attention_hint_head``) to attend, from each look-up query, to the image token of the object the key
-names; its weight decays linearly to zero, and the rest of training is the plain next-token loss.
-Whatever attention the shipped model has at the end is what the next-token loss kept.
+names; a second head (``table_hint_head``) gets the same hint for the table look-ups of the text
+(from the query that produces ``3`` in ``red = 3`` to the ``3`` after ``red`` in the question), an
+induction circuit that is just as slow to appear. The hints' weight decays linearly to zero, and the
+rest of training is the plain next-token loss: whatever attention the shipped model has at the end is
+what the next-token loss kept.
 
 Everything is deterministic in the seed; the data stream is indexed by step, so a run killed at any
 point resumes from its last checkpoint and continues identically.
@@ -81,7 +84,9 @@ class PretrainConfig:
     curriculum: tuple[Stage, ...] = field(default_factory=default_curriculum)
     attention_hint_weight: float = 1.0
     attention_hint_until: float = 0.4  # fraction of the language steps; the weight decays to 0 by then
-    attention_hint_head: int = 0  # head of the last layer that gets the hint
+    attention_hint_head: int = 0  # head of the last layer that gets the image look-up hint
+    table_hint_head: int = 1  # head of the last layer that gets the table look-up hint (None: no hint)
+    table_weight: float = 3.0  # loss weight of values looked up in the question's table
     # bookkeeping
     checkpoint_every: int = 100
     eval_every: int = 500
@@ -140,28 +145,39 @@ def prompt_for(handle, problem) -> str:
     return handle.prompt(f"<image> {problem.question}", 1)
 
 
-def language_batch(handle, problems, visual_weight: float):
+def language_batch(handle, problems, visual_weight: float, table_weight: float = 1.0):
     """Teacher-forced batch with next-token targets and per-token loss weights over the completion.
 
-    Returns ``(model_inputs, weights, lookups)``; ``lookups`` lists ``(sample, query column, relevant
-    image-token column)`` of every look-up (the query is the column whose logits produce the look-up)."""
+    Returns ``(model_inputs, weights, lookups, table_lookups)``. ``lookups`` lists ``(sample, query
+    column, relevant image-token column)`` of every look-up in the image, ``table_lookups`` lists
+    ``(sample, query column, column of the value in the question's table)`` of every table look-up
+    (``red = 3``); the query is the column whose logits produce the looked-up token.
+    """
     from dyco_probe.batching import completion_ids_for, model_inputs, teacher_forced_batch
 
     comp = completion_ids_for(handle, [p.completion for p in problems])
     batch = teacher_forced_batch(
         handle, [prompt_for(handle, p) for p in problems], [[p.render()] for p in problems], comp
     )
-    L = batch["input_ids"].shape[1]
+    ids = batch["input_ids"]
+    L = ids.shape[1]
     weights = batch["completion_mask"].float()
-    lookups = []
+    lookups, table_lookups = [], []
     for i, p in enumerate(problems):
         start = L - len(comp[i])
-        image_cols = (batch["input_ids"][i] == handle.image_token_id).nonzero().flatten()
+        image_cols = (ids[i] == handle.image_token_id).nonzero().flatten()
+        words = [w.text for w in p.chain]
         for j, w in enumerate(p.chain):
             if w.role == ROLE_VISUAL:
                 weights[i, start + j] = visual_weight
                 lookups.append((i, start + j - 1, int(image_cols[w.cells[0]])))
-    return model_inputs(batch), weights, lookups
+            elif j >= 2 and words[j - 1] == "=" and words[j - 2] in p.table:
+                weights[i, start + j] = table_weight
+                key_id = handle.tokenizer.convert_tokens_to_ids(words[j - 2])
+                where = (ids[i, :start] == key_id).nonzero().flatten()
+                if len(where) == 1:
+                    table_lookups.append((i, start + j - 1, int(where[0]) + 1))
+    return model_inputs(batch), weights, lookups, table_lookups
 
 
 def forward_with_last_layer_attention(model, inputs):
@@ -181,7 +197,7 @@ def forward_with_last_layer_attention(model, inputs):
 
 
 def attention_hint_loss(probs: torch.Tensor, lookups, head: int) -> torch.Tensor:
-    """Mean −log attention of ``head`` from each look-up query to its relevant image token."""
+    """Mean −log attention of ``head`` from each look-up query to its target column."""
     i = torch.tensor([x[0] for x in lookups])
     q = torch.tensor([x[1] for x in lookups])
     k = torch.tensor([x[2] for x in lookups])
@@ -260,7 +276,7 @@ def lookup_report(handle, problems) -> dict:
     was_training = model.training
     model.eval()
     try:
-        inputs, _, lookups = language_batch(handle, problems, 1.0)
+        inputs, _, lookups, _ = language_batch(handle, problems, 1.0)
         outputs, probs = forward_with_last_layer_attention(model, inputs)
         ids = inputs["input_ids"]
         mean = probs.mean(1)
@@ -380,7 +396,9 @@ def pretrain(
             generate_problem(split_seed("train", step * config.batch_size + k), task)
             for k in range(config.batch_size)
         ]
-        inputs, weights, lookups = language_batch(handle, problems, config.visual_weight)
+        inputs, weights, lookups, table_lookups = language_batch(
+            handle, problems, config.visual_weight, config.table_weight
+        )
         hint = config.attention_hint_weight * max(
             0.0, 1 - step / max(1.0, config.attention_hint_until * config.steps)
         )
@@ -388,6 +406,8 @@ def pretrain(
             outputs, probs = forward_with_last_layer_attention(model, inputs)
             loss = weighted_lm_loss(outputs.logits, inputs["input_ids"], weights)
             loss = loss + hint * attention_hint_loss(probs, lookups, config.attention_hint_head)
+            if config.table_hint_head is not None and table_lookups:
+                loss = loss + hint * attention_hint_loss(probs, table_lookups, config.table_hint_head)
         else:
             loss = weighted_lm_loss(model(**inputs).logits, inputs["input_ids"], weights)
         loss.backward()

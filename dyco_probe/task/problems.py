@@ -54,9 +54,9 @@ class TaskConfig:
     lookup_verb: str = ""  # word between key and value in a look-up step ("" -> "triangle red")
     jitter: int = 2  # object position jitter within its cell, pixels
     colour_jitter: int = 40  # per-channel colour noise
-    min_size: float = 0.18  # object half-width, fraction of the cell
+    min_size: float = 0.15  # object half-width, fraction of the cell
     max_size: float = 0.38
-    pixel_noise: float = 40.0  # Gaussian pixel noise (std, 0-255 units)
+    pixel_noise: float = 55.0  # Gaussian pixel noise (std, 0-255 units)
 
     def __post_init__(self):
         if not 1 <= self.n_shapes <= len(SHAPES):
