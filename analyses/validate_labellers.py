@@ -467,6 +467,13 @@ def training_note(model: str) -> str | None:
         f"{config.get('attention_hint_until', 0):.0%} of the language steps; the last layer's peak share (and that "
         "head's) is partly trained in, so it validates the tracer's bookkeeping (rows, image-token order, cells) "
         "more than it discovers anything, while the other layers and heads were never supervised."
+        + (
+            f" Head {config['table_hint_head']} of the last layer got the same hint from each table look-up "
+            "(the number copied from the question) to the question's entry, so the last layer's text attention "
+            "at those text-role tokens is partly trained in as well."
+            if config.get("table_hint_head") is not None
+            else ""
+        )
     )
 
 
