@@ -179,18 +179,24 @@ class Demo:
             )
             controls[mode] = res.accuracy
         self.record["image_controls"] = controls
-        rec, ex = result.records[0], examples[0]
         roles = s["role_fractions"]
-        return [
+        lines = [
             f"accuracy {s['accuracy']:.3f} on {s['samples']} problems (format {s['format_rate']:.3f}); with blank "
             f"images {controls['blank']:.3f}, with another problem's image {controls['swap']:.3f}",
             f"{s['tokens']} completion tokens; roles (SPEC §4, Fisher–Rao): visual {roles['visual']:.3f}, "
             f"text {roles['text']:.3f}, neutral {roles['neutral']:.3f}",
-            f"worked example: {ex.question.replace('<image>', '[image]')}",
-            f"  model: {rec['completion']}",
-            f"  gold:  {ex.completion}  ({'correct' if rec['correct'] else 'incorrect'})",
-            f"-> {self.run.trace}",
         ]
+        for wanted in (True, False):  # one correct and one incorrect trajectory, when there are
+            k = next((i for i, r in enumerate(result.records) if r["correct"] == wanted), None)
+            if k is None:
+                continue
+            ex, rec = examples[k], result.records[k]
+            lines += [
+                f"{'a correct' if wanted else 'an incorrect'} one: {ex.question.replace('<image>', '[image]')}",
+                f"  model: {rec['completion']}",
+                f"  gold:  {ex.completion}",
+            ]
+        return lines + [f"-> {self.run.trace}"]
 
     def roles(self) -> list[str]:
         from dyco_probe.report import role_agreement
