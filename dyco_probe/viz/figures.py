@@ -366,15 +366,18 @@ def plot_labeller_validation(table):
                             color=ROLE_COLOURS[role],
                             s=16,
                             zorder=3,
-                            label=f"F1 {role}" if yi == y[0] else None,
+                            label=f"F1 {role}",
                         )
             ax.set_yticks(y, [f"{n}\n{s}" if s else n for n, s in settings], fontsize=6.5)
             ax.set_xlim(0, 1)
             ax.set_xlabel("F1 against the ground truth")
             ax.set_title(f"macro F1 (bar, 95% CI), neutral tokens {mode}")
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        if handles:
-            axes[0][-1].legend(handles, labels, loc="lower right")
+        shown = {}
+        for ax in axes[0]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                shown.setdefault(label, handle)  # one entry per role, whichever panel has it
+        if shown:
+            axes[0][-1].legend(list(shown.values()), list(shown), loc="lower right")
     return fig
 
 
