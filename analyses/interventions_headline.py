@@ -62,6 +62,18 @@ def run(args):
     return Path(summary.out) / "results.parquet"
 
 
+def weights_id(model: str) -> str:
+    """`model.safetensors` sha256 (first 16 hex digits) of a checkpoint directory, for provenance."""
+    import hashlib
+
+    from dyco_probe.models.builtin import BUILTIN_DIR
+
+    path = (BUILTIN_DIR if model == "builtin" else Path(model)) / "model.safetensors"
+    if not path.exists():
+        return "unknown"
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def run_dir(args) -> Path:
     return Path(args.runs) / f"{Path(args.model).name}-{args.trajectory}-n{args.n}"
 
@@ -149,9 +161,48 @@ def markdown(table, meta: dict) -> str:
         f"(their answer accuracy {meta['accuracy']:.3f}). Knockout = −∞ on the keys' attention logits "
         "of the queries that produce the chosen tokens, at the given layers (all heads). Mean over samples "
         "with bootstrap 95% CI; `vs random` / `vs other`: paired difference to the matched random tokens "
-        "(same count, same sample) / to the other role's tokens, with the paired t-test p.",
+        "(same count, same sample) / to the other role's tokens, with the paired t-test p. "
+        "The teacher-forced answer readout counts only the samples whose greedy answer is the gold one.",
         "",
+        f"Weights: `{meta['weights']}`. Sweep: `analyses/sweeps/interventions_headline.toml`.",
+        "",
+        "## Key numbers (all layers knocked out, and the single layer with the largest effect on the role's tokens)",
+        "",
+        "| experiment | roles | layers | readout | role tokens | matched random | other role | role − random [CI], p |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    for (experiment, source), part in table.groupby(["experiment", "role_source"], sort=False):
+        own = part[(part["target"] == part["role"]) & (part["readout"] == "dacc")]
+        single = own[own["layers"] != "all"]
+        best = (
+            single.loc[single["mean"].idxmin(), "layers"]
+            if len(single) and single["mean"].notna().any()
+            else None
+        )
+        for layers in ["all"] + ([best] if best is not None else []):
+            for readout in ("dacc", "dlogp_target"):
+                rows = part[(part["layers"] == layers) & (part["readout"] == readout)]
+                role = rows[rows["target"] == rows["role"]]
+                rnd = rows[rows["target"].str.startswith("random:")]
+                other = rows[(rows["target"] != rows["role"]) & ~rows["target"].str.startswith("random:")]
+                if role.empty:
+                    continue
+                r = role.iloc[0]
+
+                def cell(x):
+                    return (
+                        "–"
+                        if x.empty
+                        else fmt(x["mean"].iloc[0], x["ci_low"].iloc[0], x["ci_high"].iloc[0], 2)
+                    )
+
+                lines.append(
+                    f"| {experiment} | {SOURCES[source]} | {layers} | {READOUTS[readout]} | {cell(role)} | "
+                    f"{cell(rnd)} | {cell(other)} | "
+                    f"{fmt(r['diff_vs_random'], r['diff_low_vs_random'], r['diff_high_vs_random'], 2)}, "
+                    f"p={pfmt(r['p_t_vs_random'])} |"
+                )
+    lines.append("")
     for (experiment, readout), part in table.groupby(["experiment", "readout"], sort=False):
         lines += [f"## {experiment}: {READOUTS[readout]}", ""]
         lines += [
@@ -271,6 +322,7 @@ def main(argv=None) -> int:
     acc = frame.drop_duplicates("item_index")["correct_ref"].mean()
     meta = {
         "model": args.model,
+        "weights": weights_id(args.model),
         "n": int(frame["item_index"].nunique()),
         "accuracy": float(acc),
         "trajectory": args.trajectory,
