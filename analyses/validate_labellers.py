@@ -16,7 +16,8 @@ ground truth of the task's grammar (`dyco_probe.task.alignment`). Writes to ``fi
 - ``labeller_delta_by_role.{png,pdf}``: the distribution of Δ = v_vis − v_txt by true role, and the
   attention-peak share per layer.
 
-Traces are cached in ``--runs`` (reruns reuse them; ``api.trace`` resumes an interrupted generation).
+Traces are cached in ``--runs``, keyed by the weights' hash, split, n and token budget (reruns reuse
+them; ``api.trace`` resumes an interrupted generation).
 
     python -m analyses.validate_labellers                   # built-in model, 500 test examples
     python -m analyses.validate_labellers --model path/to/checkpoint --n 200
@@ -60,7 +61,9 @@ def collect(args) -> dict:
     from dyco_probe.models.loading import load
     from dyco_probe.tracing import TraceConfig
 
-    runs = Path(args.runs) / args.completions
+    # traces depend on the weights and the data: one cache folder per (weights, split, n, budget)
+    key = f"{fingerprint(args.model)}-{args.split}-{args.n}-{args.max_new_tokens}"
+    runs = Path(args.runs) / key / args.completions
     runs.mkdir(parents=True, exist_ok=True)
     handle = load(args.model)
     examples = synthetic_examples(args.split, args.n)
@@ -313,7 +316,7 @@ def plot(sweep_rows, theta_rows, delta_by_role, peaks, out: Path) -> None:
         fig.savefig(out / f"labeller_threshold_sweep.{ext}", dpi=150)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     ax = axes[0]
     values = torch.cat(list(delta_by_role.values()))
     lo, hi = float(values.quantile(0.005)), float(values.quantile(0.995))
@@ -346,7 +349,7 @@ def plot(sweep_rows, theta_rows, delta_by_role, peaks, out: Path) -> None:
     ax.set_xlabel("probed layer (L/hK: head K of layer L alone)")
     ax.set_ylabel("share of ground-truth visual tokens")
     ax.set_title("image attention peaks on the named object's cell")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8)
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(out / f"labeller_delta_by_role.{ext}", dpi=150)
@@ -447,6 +450,16 @@ def conclusion(rows: list[dict], held: dict, layer_rows: list[dict], facts: dict
         )
     )
     return "\n".join(out)
+
+
+def fingerprint(model: str) -> str:
+    """Short sha256 of the checkpoint's weights, to tell shipped versions apart."""
+    import hashlib
+
+    from dyco_probe.models.builtin import BUILTIN_DIR
+
+    path = (BUILTIN_DIR if model == "builtin" else Path(model)) / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "unknown"
 
 
 def training_note(model: str) -> str | None:
@@ -628,7 +641,8 @@ def main() -> None:
     md = [
         "# Role labellers against the synthetic task's ground truth",
         "",
-        f"Model `{args.model}`, {online.batch_size} `{args.split}` examples, {what} "
+        f"Model `{args.model}` (weights sha256 {fingerprint(args.model)}…), {online.batch_size} `{args.split}` "
+        f"examples, {what} "
         f"(last layer, all heads, `text_span=post_image`); answer accuracy {accuracy:.3f}; {n_tokens} completion "
         f"tokens, of which ground truth visual {int((truth[mask] == 1).sum())}, text {int((truth[mask] == 2).sum())}, "
         f"neutral {int((truth[mask] == 0).sum())}. The other distances' rules read teacher-forced traces of the same "
