@@ -47,7 +47,7 @@ class TaskConfig:
     min_objects: int = 6  # every scene shows every shape and every colour once: no attribute is
     max_objects: int = 6  # guessable from the others, only the pairing (which the question asks) varies
     min_hops: int = 2  # look-ups per question
-    max_hops: int = 3
+    max_hops: int = 4
     min_value: int = 1
     max_value: int = 9
     key_attributes: tuple[str, ...] = ("shape", "colour")  # which attribute names the objects
@@ -56,7 +56,7 @@ class TaskConfig:
     colour_jitter: int = 40  # per-channel colour noise
     min_size: float = 0.15  # object half-width, fraction of the cell
     max_size: float = 0.38
-    pixel_noise: float = 55.0  # Gaussian pixel noise (std, 0-255 units)
+    pixel_noise: float = 60.0  # Gaussian pixel noise (std, 0-255 units)
 
     def __post_init__(self):
         if not 1 <= self.n_shapes <= len(SHAPES):
