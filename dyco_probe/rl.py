@@ -121,6 +121,8 @@ class RLConfig:
             one optimiser step per iteration, with the same result as the whole batch at once.
         lr, weight_decay, adam_betas, warmup_steps, max_grad_norm: AdamW with linear warm-up
             (over optimiser steps) then a constant rate, and gradient-norm clipping.
+        freeze_vision: train the language model only; the vision tower (and Qwen's patch merger)
+            keeps its weights, as when it was pretrained per image patch.
         dynamic_sampling: DAPO's filter: drop groups whose rewards are all equal and sample more
             prompts, up to ``dynamic_sampling_rounds`` extra rounds, to fill the batch.
         mask_truncated: leave completions without EOS out of the loss (``None``: only for DAPO).
@@ -182,6 +184,7 @@ class RLConfig:
     adam_betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    freeze_vision: bool = True
     dynamic_sampling: bool = False
     dynamic_sampling_rounds: int = 3
     mask_truncated: bool | None = None
@@ -843,6 +846,11 @@ def train(
     ref_model = None
     if config.kl_beta > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    if config.freeze_vision:
+        for name, p in model.named_parameters():
+            if _is_vision_parameter(name):
+                p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay
@@ -938,6 +946,8 @@ def train(
     finally:
         bar.close()
         log.close()
+        for name, p in model.named_parameters():  # hand the model back as it came, frozen or not
+            p.requires_grad_(trainable[name])
 
     model_dir = out_dir / "model"
     if config.steps > start or not model_dir.exists():
@@ -1026,6 +1036,13 @@ def _update(
     if not all(math.isfinite(v) for v in out.values()):
         raise FloatingPointError(f"non-finite training metrics: {out}")
     return out
+
+
+def _is_vision_parameter(name: str) -> bool:
+    """Parameters of the vision tower: Qwen-VL's ``visual`` (patch merger included), LLaVA's
+    ``vision_tower`` (its projector stays trainable)."""
+    parts = name.split(".")
+    return "visual" in parts or "vision_tower" in parts
 
 
 def _save_model(handle, path: Path) -> Path:

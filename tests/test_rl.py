@@ -276,6 +276,21 @@ def test_baseline_does_not_trace_unless_asked(handle, examples, tmp_path, monkey
     assert "s_mean" in records(tmp_path / "b" / "run")[0]
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_vision_keeps_the_vision_tower(handle, examples, tmp_path, freeze):
+    before = {k: v.clone() for k, v in handle.model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in handle.model.named_parameters()}
+    run(handle, tiny_config(tmp_path, steps=1, freeze_vision=freeze, n_eval=0), examples)
+    after = handle.model.state_dict()
+    vision = [k for k in before if k.split(".").count("visual")]
+    language = [k for k in before if "language_model" in k and k.endswith("weight")]
+    assert vision and language
+    vision_changed = any(not torch.equal(before[k], after[k]) for k in vision)
+    assert vision_changed is not freeze
+    assert any(not torch.equal(before[k], after[k]) for k in language)
+    assert {n: p.requires_grad for n, p in handle.model.named_parameters()} == flags  # handed back as it came
+
+
 @pytest.mark.parametrize("algo", ["grpo", "dapo"])
 def test_gradient_accumulation_matches_the_whole_batch(base, examples, tmp_path, algo):
     out = []
