@@ -13,6 +13,9 @@ ground truth of the task's grammar (`dyco_probe.task.alignment`). Writes to ``fi
   rule over a (tau_vis, tau_txt) grid, and of the ratio baseline over theta. To judge the published
   defaults without fooling ourselves, thresholds are chosen on one half of the examples and scored on
   the other (and vice versa); the defaults are scored on the same held-out halves;
+- ``labeller_visual_peaks.csv``: the same peak shares over the tokens each labeller calls visual (ground
+  truth, every distance's rule, the ratio baseline), counted over those that have a relevant image token,
+  and how many of its visual tokens have none (they are not look-ups);
 - ``labeller_delta_by_role.{png,pdf}``: the distribution of Δ = v_vis − v_txt by true role, and the
   attention-peak share per layer.
 
@@ -230,6 +233,45 @@ def held_out(trace, truth, key: str) -> dict:
     return {"chosen": chosen, "tuned": sum(tuned) / 2, "default": sum(default) / 2}
 
 
+def visual_token_peaks(trace, relevant, objects, predictions, truth) -> list[dict]:
+    """For each `(labeller, setting, roles)`: how many tokens it calls visual, how many of those have a
+    relevant image token (a look-up: only ground-truth visual tokens have one), and, over those, the share
+    whose image attention peaks on a relevant image token (`attention_peak_share`) and on any object's cell.
+    The labeller's other visual tokens name no object, so their peak says nothing about a look-up: they
+    are counted (with their true roles), not scored."""
+    from dyco_probe.labellers import attention_peak_share
+    from dyco_probe.roles import Role
+
+    has_relevant = relevant.any(-1)
+    objects = objects & has_relevant[..., None]  # the same tokens as the relevant-token share
+    out = []
+    for name, setting, pred in predictions:
+        called = trace.mask.bool() & (pred == int(Role.VISUAL))
+        unrelated = called & ~has_relevant
+        peak = attention_peak_share(trace, relevant, pred)
+        on_object = attention_peak_share(trace, objects, pred)
+        out.append(
+            {
+                "labeller": name,
+                "setting": setting,
+                "visual_tokens": int(called.sum()),
+                "with_relevant": int((called & has_relevant).sum()),
+                "without_relevant": int(unrelated.sum()),
+                "without_relevant_share": float(unrelated.sum() / called.sum())
+                if called.any()
+                else float("nan"),
+                "without_relevant_text": int((unrelated & (truth == int(Role.TEXT))).sum()),
+                "without_relevant_neutral": int((unrelated & (truth == int(Role.NEUTRAL))).sum()),
+                "peak_share": peak["share"],
+                "chance": peak["chance"],
+                "object_share": on_object["share"],
+                "object_chance": on_object["chance"],
+                "tokens": peak["tokens"],
+            }
+        )
+    return out
+
+
 # -- report -------------------------------------------------------------------------------------------
 
 
@@ -365,7 +407,9 @@ def verdict(a: dict, b: dict) -> str:
     return "not distinguishable from"
 
 
-def conclusion(rows: list[dict], held: dict, layer_rows: list[dict], facts: dict) -> str:
+def conclusion(
+    rows: list[dict], held: dict, layer_rows: list[dict], facts: dict, peak_rows: list[dict] = ()
+) -> str:
     """The findings in words, from the numbers (so a rerun on another model stays truthful)."""
 
     def pick(name, setting_start, neutral="excluded", role="visual"):
@@ -422,6 +466,14 @@ def conclusion(rows: list[dict], held: dict, layer_rows: list[dict], facts: dict
             f"{f3(last['relevant_given_object_chance'])}); highest: {best['layer']} ({f3(best['peak_share'])})."
             + (f" {facts['training_note']}" if facts.get("training_note") else "")
         )
+    for r in peak_rows:
+        if r["labeller"] == "fisher_rao":
+            out.append(
+                f"- Of the {r['visual_tokens']} tokens the rule calls visual, {r['without_relevant']} "
+                f"({f3(r['without_relevant_share'])}) name no object and are not look-ups; the image attention of "
+                f"{f3(r['peak_share'])} of the other {r['with_relevant']} peaks on the named object's cell (chance "
+                f"{f3(r['chance'])})."
+            )
     out.append(
         f"- Probed layer: the rule's macro F1 (neutral excluded) is highest when probing {best_f1['layer']} "
         f"({f3(best_f1['macro_f1_excluded'])}; last layer {f3(last['macro_f1_excluded'])})."
@@ -556,22 +608,28 @@ def main() -> None:
     )
 
     # 1. labellers at their defaults, and tuned baselines
-    rows = score_rows(
-        "fisher_rao", "tau 0 / 0.05 (published)", get_labeller("fisher_rao")(online), truth, mask
-    )
-    for d in DISTANCES[1:]:
-        rows += score_rows(d, "tau 0 / 0.05", get_labeller(d)(data["by_distance"][d]), truth, mask)
-    rows += score_rows("ratio_threshold", "theta 0.5", ratio_threshold(online), truth, mask)
     theta_rows = theta_sweep(online, truth)
     best_theta = max(theta_rows, key=lambda r: r["macro_f1_excluded"])["theta"]
-    rows += score_rows(
-        "ratio_threshold",
-        f"theta {best_theta} (best on this set)",
-        ratio_threshold(online, theta=best_theta),
+    predictions = [
+        ("fisher_rao", "tau 0 / 0.05 (published)", get_labeller("fisher_rao")(online)),
+        *[(d, "tau 0 / 0.05", get_labeller(d)(data["by_distance"][d])) for d in DISTANCES[1:]],
+        ("ratio_threshold", "theta 0.5", ratio_threshold(online)),
+        (
+            "ratio_threshold",
+            f"theta {best_theta} (best on this set)",
+            ratio_threshold(online, theta=best_theta),
+        ),
+        ("always text", "every token text", torch.where(mask, int(Role.TEXT), 0)),
+    ]
+    rows = [r for name, setting, pred in predictions for r in score_rows(name, setting, pred, truth, mask)]
+    # where the tokens each labeller calls visual look, at the probed layer (the online trace)
+    peak_rows = visual_token_peaks(
+        online,
+        relevant,
+        objects,
+        [("ground_truth", "grammar", truth)] + [p for p in predictions if p[0] != "always text"],
         truth,
-        mask,
     )
-    rows += score_rows("always text", "every token text", torch.where(mask, int(Role.TEXT), 0), truth, mask)
 
     # 2. probed layer: Fisher-Rao rule and attention peaks
     layer_rows, peaks = [], {}
@@ -626,6 +684,7 @@ def main() -> None:
     pd.DataFrame(rows).to_csv(out / "labeller_validation.csv", index=False)
     pd.DataFrame(sweep_rows + theta_rows).to_csv(out / "labeller_threshold_sweep.csv", index=False)
     pd.DataFrame(layer_rows).to_csv(out / "labeller_layers.csv", index=False)
+    pd.DataFrame(peak_rows).to_csv(out / "labeller_visual_peaks.csv", index=False)
     plot(sweep_rows, theta_rows, delta_by_role, peaks, out)
 
     quantiles = {
@@ -680,6 +739,25 @@ def main() -> None:
             for r in layer_rows
         ],
         "",
+        "## Where each labeller's visual tokens look (probed layer: last, all heads)",
+        "",
+        "The tokens each labeller calls visual, and the same peak shares as above over those of them that have a "
+        "relevant image token (the cell of the object the token names). Only a look-up's value has one, i.e. only "
+        "ground-truth visual tokens, so the scored tokens are the labeller's true positives; its other visual "
+        "tokens name no object and are not look-ups: they are counted, with their true roles, but not scored. "
+        "Chance as above (`labeller_visual_peaks.csv`).",
+        "",
+        "| labeller | setting | called visual | with a relevant image token | without one (share; true text / "
+        "neutral) | peak on relevant image token (chance) | peak on any object (chance) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *[
+            f"| {r['labeller']} | {r['setting']} | {r['visual_tokens']} | {r['with_relevant']} | "
+            f"{r['without_relevant']} ({f3(r['without_relevant_share'])}; {r['without_relevant_text']} / "
+            f"{r['without_relevant_neutral']}) | {f3(r['peak_share'])} ({f3(r['chance'])}) | "
+            f"{f3(r['object_share'])} ({f3(r['object_chance'])}) |"
+            for r in peak_rows
+        ],
+        "",
         "## Threshold sweep (SPEC §4 rule, Fisher–Rao, last layer)",
         "",
         "Δ = v_vis − v_txt by true role (10th / 50th / 90th percentile): "
@@ -708,7 +786,7 @@ def main() -> None:
         "",
         "## Conclusion",
         "",
-        conclusion(rows, held, layer_rows, facts),
+        conclusion(rows, held, layer_rows, facts, peak_rows),
         "",
     ]
     text = "\n".join(md)
