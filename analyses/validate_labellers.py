@@ -16,6 +16,8 @@ ground truth of the task's grammar (`dyco_probe.task.alignment`). Writes to ``fi
 - ``labeller_visual_peaks.csv``: the same peak shares over the tokens each labeller calls visual (ground
   truth, every distance's rule, the ratio baseline), counted over those that have a relevant image token,
   and how many of its visual tokens have none (they are not look-ups);
+- ``labeller_validation.{png,pdf}``: F1 per role and macro F1 (95% bootstrap interval) of every labeller,
+  neutral tokens excluded and included (`dyco_probe.viz.plot_labeller_validation`);
 - ``labeller_delta_by_role.{png,pdf}``: the distribution of Δ = v_vis − v_txt by true role, and the
   attention-peak share per layer.
 
@@ -574,6 +576,7 @@ def main() -> None:
     from dyco_probe.roles import ROLE_NAMES, Role
     from dyco_probe.task.alignment import cell_image_tokens
     from dyco_probe.task.render import cell_index
+    from dyco_probe.viz import plot_labeller_validation, save_figure
 
     data = collect(args)
     tok, examples, online = data["handle"].tokenizer, data["examples"], data["online"]
@@ -686,6 +689,7 @@ def main() -> None:
     pd.DataFrame(layer_rows).to_csv(out / "labeller_layers.csv", index=False)
     pd.DataFrame(peak_rows).to_csv(out / "labeller_visual_peaks.csv", index=False)
     plot(sweep_rows, theta_rows, delta_by_role, peaks, out)
+    save_figure(plot_labeller_validation(pd.DataFrame(rows)), out / "labeller_validation", close=True)
 
     quantiles = {
         role: [f"{float(d.quantile(q)):+.3f}" for q in (0.1, 0.5, 0.9)] if len(d) else ["–"] * 3
@@ -711,6 +715,12 @@ def main() -> None:
         "read in a look-up is visual, keys, table values and arithmetic are text, scaffolding is neutral), aligned "
         "to tokens by the tokenizer's offsets. P / R / F1 per role; macro F1 with a 95% bootstrap interval over "
         "examples.",
+        "",
+        "![F1 of each labeller per role, and macro F1 with its 95% bootstrap interval, neutral tokens excluded "
+        "and included](labeller_validation.png)",
+        "",
+        "`labeller_validation.png` (`.pdf`): F1 per role (markers) and macro F1 with its 95% bootstrap interval "
+        "(bars) of each labeller, neutral tokens excluded (left) and included (right).",
         "",
         "## Neutral tokens excluded (only tokens whose true role is visual or text; predicting neutral is a miss)",
         "",
