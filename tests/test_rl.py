@@ -1,9 +1,17 @@
 """The RL loop (dyco_probe.rl) on a tiny untrained built-in model: configuration checks, DyCo
 advantages, sampling with online tracing, every loss, gradient accumulation, checkpoints and exact
-resumption, metrics files and the CLI."""
+resumption (also of a run killed with SIGKILL), metrics files and the CLI."""
 
 import copy
+import dataclasses
+import inspect
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,6 +343,82 @@ def test_resume_continues_exactly(base, examples, tmp_path):
     for kind in ("train", "eval"):
         assert without_timing(records(tmp_path / "a" / "run", kind)) == without_timing(
             records(tmp_path / "b" / "run", kind)
+        )
+
+
+# The tiny run in a subprocess that the next test kills: argv is the architecture and the config.
+KILLABLE_RUN = f"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+from dyco_probe.data import synthetic_examples
+from dyco_probe.models.adapters import QWEN2_5_VL
+from dyco_probe.models.builtin import BuiltinArchitecture, build_untrained
+from dyco_probe.models.loading import ModelHandle
+from dyco_probe.rl import RLConfig, train
+{inspect.getsource(parity_reward)}
+model, processor = build_untrained(BuiltinArchitecture(**json.loads(sys.argv[1])), seed=0)
+train(
+    RLConfig(**json.loads(sys.argv[2])),
+    ModelHandle(model, processor, QWEN2_5_VL, "untrained"),
+    reward_funcs={{"parity": parity_reward}},
+    train_examples=synthetic_examples("train", 12),
+    eval_examples=synthetic_examples("test", 3),
+    progress=False,
+)
+"""
+
+
+def test_killed_run_resumes_exactly(base, examples, tmp_path):
+    """kill -9 a real run at whatever point it has reached after its first checkpoint, resume it, and
+    get what the same run gives uninterrupted."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    for steps in (6, 12, 24):  # a step takes ~0.1 s: more steps if the run outran the poll
+        out = tmp_path / f"killed-{steps}"
+        config = tiny_config(out, steps=steps)
+        argv = [json.dumps(dataclasses.asdict(ARCH)), json.dumps(config.to_dict())]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLABLE_RUN, *argv],
+            cwd=root,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        # Kill once step 1 is checkpointed and step 2 logged: at step 2's evaluation, its checkpoint
+        # or later, wherever the poll lands.
+        ckpt, metrics = out / "run" / "checkpoint.pt", out / "run" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.exists() and metrics.read_text().count('"kind": "train"') >= 2:
+                break
+            time.sleep(0.005)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        stderr = proc.communicate()[1].decode()
+        assert proc.returncode in (0, -signal.SIGKILL), stderr[-2000:]
+        killed_at = torch.load(ckpt, weights_only=False)["step"]
+        if proc.returncode == -signal.SIGKILL and killed_at < steps:
+            break
+    else:
+        pytest.fail(f"the training subprocess finished {steps} steps before it could be killed")
+    assert 1 <= killed_at < steps and not (out / "run" / "model").exists()
+
+    def fresh():
+        model, processor = base
+        return ModelHandle(copy.deepcopy(model), processor, QWEN2_5_VL, "untrained")
+
+    resumed = fresh()  # the initial model, as a restarted job would load it
+    result = run(resumed, dataclasses.replace(config, resume=True), examples)
+    assert result.resumed_from == killed_at
+    straight = fresh()
+    run(straight, tiny_config(tmp_path / "straight", steps=steps), examples)
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    for kind in ("train", "eval"):
+        assert without_timing(records(tmp_path / "straight" / "run", kind)) == without_timing(
+            records(out / "run", kind)
         )
 
 
