@@ -376,6 +376,30 @@ def test_trajectory_readouts(handle):
     assert traj.select([2]).indices == [9]
 
 
+def test_roles_from_any_labeller(handle):
+    from dyco_probe.data import synthetic_examples
+    from dyco_probe.labellers import LABELLERS, get_labeller
+
+    traj = prepare_trajectories(handle, synthetic_examples("test", 3), trajectory="gold", max_new_tokens=48)
+    args = (handle.model, traj.prompt_inputs, traj.completion_ids, traj.completion_mask)
+    trace = trace_offline(*args)
+    assert torch.equal(traj.roles("fisher_rao"), trace.roles())
+    assert torch.equal(traj.roles("fisher_rao", tau_txt=0.2), trace.roles(tau_txt=0.2))
+    assert torch.equal(
+        traj.roles("ratio_threshold", theta=0.3), get_labeller("ratio_threshold")(trace, theta=0.3)
+    )
+    truth = get_labeller("ground_truth")(trace, examples=traj.examples, tokenizer=handle.tokenizer)
+    assert torch.equal(traj.roles("ground_truth"), truth)
+    # a distance's labeller refuses Fisher-Rao dynamics: the trajectories trace it with its own distance
+    hellinger = trace_offline(*args, config=TraceConfig(distance="hellinger"))
+    assert torch.equal(traj.roles("hellinger"), get_labeller("hellinger")(hellinger))
+    for name in LABELLERS:
+        roles = traj.roles(name)
+        assert roles.shape == traj.completion_ids.shape and not roles[~traj.completion_mask.cpu()].any()
+    with pytest.raises(ValueError, match="unknown role source 'fisher'.*ratio_threshold.*ground_truth"):
+        traj.roles("fisher")
+
+
 # -- statistics ----------------------------------------------------------------------------------
 
 

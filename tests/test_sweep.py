@@ -135,6 +135,8 @@ def test_sweep_file_errors_name_the_problem(tmp_path):
         ("[[grid]]\nkeys = ['pixels']\n", "unknown key span"),
         ("[data]\nn = 4\nslices = [{ name = 'a', start = 2, n = 4 }]\n[[grid]]\n", "outside"),
         ("[model]\nsource = 'builtin'\n", "no [[grid]]"),
+        ("[[grid]]\nrole_sources = ['fisher']\n", "unknown role source 'fisher'.*ratio_threshold"),
+        ("[roles]\ntheta = 'high'\n[[grid]]\n", "theta must be a number"),
     ]:
         path = tmp_path / "bad.toml"
         path.write_text(bad)
@@ -162,6 +164,32 @@ def test_grid_expansion(tmp_path):
     )
     assert sum(c.target == "neutral" for c in new) == 4
     assert sum(c.kind == "patch_image_states" for c in new) == 2
+
+
+def test_role_sources_are_any_labeller(tmp_path, handle):
+    from dyco_probe.data import synthetic_examples
+    from dyco_probe.interventions import prepare_trajectories
+    from dyco_probe.labellers import get_labeller
+    from dyco_probe.tracing import TraceConfig, trace_offline
+
+    text = SWEEP.replace("n = 4", "n = 2").split("[[grid]]")[0] + (
+        "[roles]\ntheta = 0.3\ntau_txt = 0.1\n\n[[grid]]\n"
+        'targets = ["visual", "text"]\nrole_sources = ["ratio_threshold", "l2"]\n'
+    )
+    config = SweepConfig.load(write(tmp_path, text))
+    summary = run_sweep(config, handle=handle, progress=False)
+    assert summary.rows_written == 2 * 2 * 2 and summary.errors == 0
+    frame = pd.read_parquet(Path(config.out) / "results.parquet")
+
+    traj = prepare_trajectories(handle, synthetic_examples("test", 2), trajectory="gold", max_new_tokens=48)
+    args = (handle.model, traj.prompt_inputs, traj.completion_ids, traj.completion_mask)
+    expected = {  # each labeller with the [roles] options it takes
+        "ratio_threshold": get_labeller("ratio_threshold")(trace_offline(*args), theta=0.3),
+        "l2": get_labeller("l2")(trace_offline(*args, config=TraceConfig(distance="l2")), tau_txt=0.1),
+    }
+    for (source, target), rows in frame.groupby(["role_source", "target"]):
+        want = (expected[source] == (1 if target == "visual" else 2)).sum(-1).tolist()
+        assert rows.sort_values("item_index")["n_targets"].tolist() == want, (source, target)
 
 
 # -- resumption ----------------------------------------------------------------------------------

@@ -25,11 +25,12 @@ directory; unknown keys are errors)::
     slices = [{ name = "early", start = 0, n = 32 }, { name = "late", start = 32, n = 32 }]
                                      # default: one slice "all"; start/n relative to the data
 
-    [roles]                          # Fisher–Rao roles (SPEC §4) of the trajectories
-    layers = "last"                  # probed layers: "last", "all" or a list
-    tau_vis = 0.0
-    tau_txt = 0.05
+    [roles]                          # how role labellers see the trajectories
+    layers = "last"                  # probed layers of their trace: "last", "all" or a list
+    tau_vis = 0.0                    # thresholds of the dynamics rules (SPEC §4: fisher_rao, and
+    tau_txt = 0.05                   #   hellinger, l2, ... in their distance's own units)
     text_span = "post_image"
+    # theta = 0.5                    # ratio_threshold only (and theta_txt); its defaults otherwise
 
     [readouts]
     teacher_forced = true
@@ -39,7 +40,7 @@ directory; unknown keys are errors)::
     keys = ["image"]                 # key spans (dyco_probe.interventions.spec.KEY_SPANS)
     strengths = [0.0]                # λ; 0 = knockout
     targets = ["visual", "random:visual", "text"]   # queries (dyco_probe.interventions.queries)
-    role_sources = ["ground_truth", "fisher_rao"]
+    role_sources = ["ground_truth", "fisher_rao"]   # any labeller of dyco_probe.labellers
     layers = ["each", "all"]         # "all", "each", "window:K[:S]", N, "A-B" or a list of ints
     heads = ["all"]                  # "all", "each", N or a list of ints
 
@@ -58,16 +59,18 @@ grid entries later keeps finished conditions finished.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..labellers import get_labeller
 from .queries import TARGETS
 from .spec import KEY_SPANS, Intervention, layers_label, parse_layers
-from .trajectories import ROLE_SOURCES, TRAJECTORIES
+from .trajectories import TRAJECTORIES, check_role_source
 
-__all__ = ["Condition", "GridSpec", "SliceSpec", "SweepConfig", "expand_conditions"]
+__all__ = ["Condition", "GridSpec", "SliceSpec", "SweepConfig", "expand_conditions", "labeller_options"]
 
 PATCH_SITES = ("attention_output", "image_states")
 DONORS = ("swap", "blank")
@@ -82,6 +85,17 @@ def _check_keys(table: dict, allowed, where: str) -> None:
 
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+# `[roles]` entries that are labeller options; each labeller gets those it takes.
+LABELLER_OPTIONS = ("tau_vis", "tau_txt", "theta", "theta_txt")
+
+
+def labeller_options(source: str, roles: dict) -> dict:
+    """The options of `roles` (a sweep's `[roles]` table) that the labeller `source` takes, e.g.
+    `tau_vis`, `tau_txt` for the dynamics rules and `theta`, `theta_txt` for `ratio_threshold`."""
+    params = inspect.signature(get_labeller(source)).parameters
+    return {k: float(roles[k]) for k in LABELLER_OPTIONS if k in roles and k in params}
 
 
 @dataclass(frozen=True)
@@ -128,8 +142,10 @@ class GridSpec:
             if t not in TARGETS and not str(t).startswith("positions:"):
                 raise ValueError(f"{where}: unknown target {t!r}; valid: {', '.join(TARGETS)}, positions:i,j")
         for r in g.role_sources:
-            if r not in ROLE_SOURCES:
-                raise ValueError(f"{where}: unknown role source {r!r}; valid: {', '.join(ROLE_SOURCES)}")
+            try:
+                check_role_source(r)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         if g.patch is not None and g.patch not in PATCH_SITES:
             raise ValueError(f"{where}: patch must be one of {', '.join(PATCH_SITES)}, got {g.patch!r}")
         if g.donor not in DONORS:
@@ -168,7 +184,7 @@ class SweepConfig:
         "slices",
         "skip_bad",
     )
-    ROLE_KEYS = ("layers", "tau_vis", "tau_txt", "text_span")
+    ROLE_KEYS = ("layers", "text_span", *LABELLER_OPTIONS)
     READOUT_KEYS = ("teacher_forced", "free_running")
 
     @classmethod
@@ -230,6 +246,9 @@ class SweepConfig:
             **raw.get("roles", {}),
         }
         _check_keys(roles, cls.ROLE_KEYS, f"{where} [roles]")
+        for k in LABELLER_OPTIONS:
+            if k in roles and (isinstance(roles[k], bool) or not isinstance(roles[k], (int, float))):
+                raise ValueError(f"{where} [roles]: {k} must be a number, got {roles[k]!r}")
         readouts = {"teacher_forced": True, "free_running": True, **raw.get("readouts", {})}
         _check_keys(readouts, cls.READOUT_KEYS, f"{where} [readouts]")
         grids_raw = raw.get("grid")

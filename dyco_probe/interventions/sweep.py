@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .conditions import Condition, SweepConfig, expand_conditions
+from .conditions import Condition, SweepConfig, expand_conditions, labeller_options
 from .patching import (
     patch_attention_output,
     patch_image_states,
@@ -141,7 +141,6 @@ class _Runner:
         self.rank = rank
         self.world_size = world_size
         self.trace_config = config.trace_config()
-        self.tau = (float(config.roles["tau_vis"]), float(config.roles["tau_txt"]))
 
     # -- references ----------------------------------------------------------------------------
 
@@ -177,21 +176,8 @@ class _Runner:
                 return None, {**failed, **{i: _error_text(e) for i in good}}
 
     def roles(self, traj: Trajectories, source: str):
-        if source == "fisher_rao" and source not in traj.roles_cache:
-            from ..roles import label_roles
-            from ..tracing import trace_offline
-
-            trace = trace_offline(
-                traj.model,
-                traj.prompt_inputs,
-                traj.completion_ids,
-                traj.completion_mask,
-                config=self.trace_config,
-            )
-            traj.roles_cache[source] = label_roles(
-                trace.v_vis, trace.v_txt, trace.mask, tau_vis=self.tau[0], tau_txt=self.tau[1]
-            ).cpu()
-        return traj.roles(source)
+        """Roles from the labeller `source`, with the `[roles]` options that labeller takes."""
+        return traj.roles(source, **labeller_options(source, self.config.roles))
 
     def selection(self, c: Condition, traj: Trajectories):
         if not c.target:  # image-state patches act on states, not queries

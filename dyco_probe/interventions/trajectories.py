@@ -2,16 +2,20 @@
 
 `prepare_trajectories(handle, examples)` encodes the prompts, takes a trajectory per example (the
 model's greedy completion, or the example's gold completion), finds its gold answer tokens,
-and computes the unintervened log-probabilities. Token roles are computed on demand per source:
+and computes the unintervened log-probabilities. Token roles are computed on demand per source, any
+labeller of `dyco_probe.labellers` (`get_labeller`):
 
-- `"ground_truth"`: the synthetic task's word roles (`dyco_probe.task.problems.label_words`);
-- `"fisher_rao"`: SPEC §4 roles from a teacher-forced trace of the trajectory (`trace_offline`).
+- `"ground_truth"`: the synthetic task's word roles (`dyco_probe.task.alignment`), no forward pass;
+- every other labeller (`"fisher_rao"`, `"ratio_threshold"`, `"hellinger"`, ...) runs on a
+  teacher-forced trace of the trajectory (`trace_offline`, one per distance: the labellers named
+  after a distance need a trace measured with it).
 
 Then `teacher_forced(spec, selection)` and `free_running(spec, selection)` give per-sample effects.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..distances import DISTANCES
+from ..labellers import LABELLERS, get_labeller
 from ..rewards import answers_match, extract_answer
 from ..spans import Spans, spans_for_model
 from ..task.alignment import token_char_spans
@@ -35,9 +41,9 @@ from .readouts import (
 )
 from .spec import Intervention
 
-__all__ = ["ROLE_SOURCES", "TRAJECTORIES", "Trajectories", "prepare_trajectories"]
+__all__ = ["ROLE_SOURCES", "TRAJECTORIES", "Trajectories", "check_role_source", "prepare_trajectories"]
 
-ROLE_SOURCES = ("ground_truth", "fisher_rao")
+ROLE_SOURCES = tuple(LABELLERS)  # the labellers' registry; `check_role_source` validates a name
 TRAJECTORIES = ("greedy", "gold")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -78,6 +84,7 @@ class Trajectories:
     roles_cache: dict = field(default_factory=dict)
     baseline_cache: dict = field(default_factory=dict)
     _spans: Spans | None = None
+    _traces: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -104,29 +111,37 @@ class Trajectories:
 
     # -- roles ---------------------------------------------------------------------------------
 
-    def roles(self, source: str) -> Tensor:
-        """`[B, T]` `Role` values of the trajectory tokens from `source` (`ROLE_SOURCES`)."""
-        if source not in self.roles_cache:
-            if source == "ground_truth":
+    def roles(self, source: str, **options) -> Tensor:
+        """`[B, T]` `Role` values of the trajectory tokens from the labeller `source` (a name known to
+        `dyco_probe.labellers.get_labeller`); `options` go to the labeller (e.g. `tau_vis`, `theta`)."""
+        check_role_source(source)
+        key = (source, *sorted(options.items())) if options else source
+        if key not in self.roles_cache:
+            if source == "ground_truth" and not options:  # word roles of the task: no trace needed
                 problems = [ex.problem for ex in self.examples]
                 roles = ground_truth_roles(
                     self.handle.tokenizer, self.completion_ids.cpu(), self.completion_mask.cpu(), problems
                 )
-            elif source == "fisher_rao":
-                from ..tracing import TraceConfig, trace_offline
-
-                trace = trace_offline(
-                    self.model,
-                    self.prompt_inputs,
-                    self.completion_ids,
-                    self.completion_mask,
-                    config=self.trace_config or TraceConfig(),
-                )
-                roles = trace.roles()
             else:
-                raise ValueError(f"unknown role source {source!r}; valid: {', '.join(ROLE_SOURCES)}")
-            self.roles_cache[source] = roles.cpu()
-        return self.roles_cache[source]
+                roles = get_labeller(source)(
+                    self.trace(source), examples=self.examples, tokenizer=self.handle.tokenizer, **options
+                )
+            self.roles_cache[key] = roles.cpu()
+        return self.roles_cache[key]
+
+    def trace(self, source: str = "fisher_rao"):
+        """The teacher-forced trace of the trajectories that the labeller `source` reads (`trace_config`,
+        measured with the distance `source` is named after, if it is one); cached per distance."""
+        from ..tracing import TraceConfig, trace_offline
+
+        config = self.trace_config or TraceConfig()
+        if source in DISTANCES and config.distance != source:
+            config = dataclasses.replace(config, distance=source)
+        if config.distance not in self._traces:
+            self._traces[config.distance] = trace_offline(
+                self.model, self.prompt_inputs, self.completion_ids, self.completion_mask, config=config
+            )
+        return self._traces[config.distance]
 
     # -- subsets -------------------------------------------------------------------------------
 
@@ -257,6 +272,18 @@ class Trajectories:
         return [self.baseline_cache[k] for k in keys]
 
 
+def check_role_source(source: str) -> str:
+    """`source` if it names a labeller of `dyco_probe.labellers`; else a ValueError listing the valid names."""
+    try:
+        get_labeller(source)
+    except ValueError:
+        raise ValueError(
+            f"unknown role source {source!r}; valid (the labellers of dyco_probe.labellers): "
+            f"{', '.join(LABELLERS)}"
+        ) from None
+    return source
+
+
 def _decode(handle, ids: Tensor, mask: Tensor) -> str:
     return handle.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).strip()
 
@@ -322,7 +349,7 @@ def prepare_trajectories(
         trajectory: `"greedy"` (the model's own greedy completion) or `"gold"` (`example.completion`
             followed by EOS).
         max_new_tokens: generation budget (greedy trajectories and free-running readouts).
-        trace_config: `TraceConfig` of the Fisher–Rao roles (default: SPEC defaults).
+        trace_config: `TraceConfig` of the traces that role labellers read (default: SPEC defaults).
     """
     if trajectory not in TRAJECTORIES:
         raise ValueError(f"unknown trajectory {trajectory!r}; valid: {', '.join(TRAJECTORIES)}")
