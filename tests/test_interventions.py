@@ -376,6 +376,28 @@ def test_trajectory_readouts(handle):
     assert traj.select([2]).indices == [9]
 
 
+def test_a_last_layer_knockout_reaches_only_the_intervened_tokens(handle):
+    """What the teacher-forced answer readout can see: a query's last-layer output feeds only its own logits."""
+    from dyco_probe.data import synthetic_examples
+
+    traj = prepare_trajectories(handle, synthetic_examples("test", 3), trajectory="gold", max_new_tokens=48)
+    answer = traj.answer_mask & traj.completion_mask.cpu()
+    t = torch.arange(answer.shape[1])
+    before = traj.completion_mask.cpu() & (t[None, :] < answer.float().argmax(-1)[:, None])
+    for keys in ("image", "text_history"):
+        last = traj.teacher_forced(Intervention.knockout(keys, layers=[-1]), before)
+        assert last["n_answer_targets"] == [0, 0, 0]
+        assert all(abs(x) < 1e-5 for x in last["dlogp_answer"]) and any(
+            abs(x) > 1e-3 for x in last["dlogp_target"]
+        )
+        first = traj.teacher_forced(Intervention.knockout(keys, layers=[0]), before)
+        assert any(abs(x) > 1e-4 for x in first["dlogp_answer"])
+    on_answer = traj.teacher_forced(Intervention.knockout("text_history", layers=[-1]), answer)
+    assert on_answer["n_answer_targets"] == [1, 1, 1] and all(
+        abs(x) > 1e-5 for x in on_answer["dlogp_answer"]
+    )
+
+
 def test_roles_from_any_labeller(handle):
     from dyco_probe.data import synthetic_examples
     from dyco_probe.labellers import LABELLERS, get_labeller

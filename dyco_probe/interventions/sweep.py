@@ -58,6 +58,7 @@ TEACHER_FORCED = (
     "logp_answer_base",
     "dlogp_target",
     "dlogp_after",
+    "n_answer_targets",
     "dlogp_answer_gap",
 )
 FREE_RUNNING = ("correct_ref", "correct_base", "correct_int", "dacc", "changed")

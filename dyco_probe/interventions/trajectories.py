@@ -192,7 +192,9 @@ class Trajectories:
         Returns lists of length B: `n_targets`, `t0` (first selected token), `dlogp_answer` (summed
         over the gold answer tokens), `logp_answer_base`, `dlogp_target` (mean over the selected
         tokens: each intervened query's own next token), `dlogp_after` (mean over tokens from `t0`
-        on). Samples without selected tokens get NaN. `patch`: a context manager factory
+        on), `n_answer_targets` (selected tokens that are gold answer tokens: an intervention at the
+        last layer only moves `dlogp_answer` through them, as a query's last-layer output reaches no
+        other column). Samples without selected tokens get NaN. `patch`: a context manager factory
         `patch(queries) -> context` used instead of `intervene` (activation patching).
         """
         selection = selection.to(torch.bool).cpu() & self.completion_mask.cpu()
@@ -314,6 +316,7 @@ def _teacher_forced_metrics(logp, base, selection, mask, answer_mask) -> dict[st
         "logp_answer_base": base_answer.tolist(),
         "dlogp_target": torch.where(has, _nanmean(d, selection & mask), nan).tolist(),
         "dlogp_after": torch.where(has, _nanmean(d, after), nan).tolist(),
+        "n_answer_targets": (selection.bool() & answer).sum(-1).tolist(),
     }
 
 
