@@ -123,7 +123,9 @@ def test_options_layers_heads_all_text_per_layer(qwen):
     )
     assert_close_to_reference(trace, ref)
     # all_text: image and text together hold all the attention mass of the row
-    assert torch.allclose(trace.r_vis + trace.r_txt, torch.ones_like(trace.r_vis), atol=1e-5)
+    total = (trace.r_vis + trace.r_txt)[trace.mask]
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
+    assert (trace.r_vis[~trace.mask] == 0).all()  # past a completion's end: 0, whatever the batch
     for j, layer in enumerate(trace.layers):
         one = reference_trace(
             qwen, batch, completion, trace.mask, layers=[layer], heads=[1, 2], text_span="all_text"

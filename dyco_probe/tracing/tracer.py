@@ -52,6 +52,13 @@ def _eos_ids(model, eos_token_id) -> list[int]:
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(x) for x in eos_token_id]
 
 
+def _sample_name(i: int, sample_ids: Sequence | None) -> str:
+    """How errors name a sample: its row, and its id when the caller gave ids."""
+    if sample_ids is None or i >= len(sample_ids):
+        return f"sample {i}"
+    return f"sample {i} (id {sample_ids[i]!r})"
+
+
 def _completion_mask(token_ids: Tensor, eos: list[int]) -> Tensor:
     """True up to and including the first EOS."""
     if not eos or token_ids.shape[1] == 0:
@@ -122,6 +129,9 @@ class _Probe:
             raise FloatingPointError(
                 f"NaN in the attention row of sample {i}, token {t} (layer(s) {self.layers})"
             )
+        # positions past a completion's end hold 0, whatever else shared its batch
+        keep = mask.to(res[SIGNAL_NAMES[0]].device)[..., None]
+        res = {**res, **{k: res[k].masked_fill(~keep, 0.0) for k in SIGNAL_NAMES}}
         values = {k: res[k][..., 0] for k in SIGNAL_NAMES}
         per_layer = {k: res[k][..., 1:] for k in SIGNAL_NAMES} if self.config.per_layer else None
         texts = None
@@ -281,9 +291,12 @@ class Tracer:
         if self._signals is None or self._spans is None:
             raise RuntimeError("nothing traced: call model.generate inside the Tracer context")
         steps = self._signals.num_steps
-        if steps == 0:
-            raise ValueError("no generation step was traced (empty completion)")
         b, length = self._spans.batch_size, self._spans.prompt_length
+        if steps == 0:  # steps are shared by the batch: every sample is empty, name the first
+            raise ValueError(
+                f"{_sample_name(0, self.sample_ids)} has an empty completion: no generation step was "
+                f"traced for any of the {b} samples (did generate stop in its prefill?)"
+            )
         device = self._spans.image.device
         fed = torch.stack(self._fed[: steps - 1], dim=1) if steps > 1 else torch.zeros(b, 0, dtype=torch.long)
         fed = fed.to(device)
@@ -397,7 +410,7 @@ def trace_offline(
     completion_mask = completion_mask.to(device=prompt_ids.device, dtype=torch.bool)
     empty = (~completion_mask.any(-1)).nonzero().flatten().tolist() if steps else list(range(b))
     if empty:
-        raise ValueError(f"sample {empty[0]} has an empty completion")
+        raise ValueError(f"{_sample_name(empty[0], sample_ids)} has an empty completion")
     placeholder = (
         ((completion_ids == probe.image_token_id) & completion_mask).any(-1).nonzero().flatten().tolist()
     )
