@@ -256,6 +256,30 @@ def test_bad_inputs_name_the_sample(qwen):
         trace_offline(qwen, batch, completion[:, :0])
 
 
+def test_empty_completions_name_the_sample(qwen):
+    from dyco_probe.tracing.attention import attention_hooks
+
+    batch = tiny_batch(qwen, 3, seed=9)
+    completion, mask = torch.full((3, 4), 20), torch.ones(3, 4, dtype=torch.bool)
+    mask[2] = False
+    with pytest.raises(ValueError, match=r"sample 2 \(id 'q-2'\) has an empty completion"):
+        trace_offline(qwen, batch, completion, mask, sample_ids=["q-0", "q-1", "q-2"])
+
+    # Online, steps are shared by the batch: a generate that stops in its prefill, before the
+    # traced attention, leaves every sample empty.
+    def stop(call):
+        raise RuntimeError("stopped in the prefill")
+
+    with attention_hooks(qwen, stop), Tracer(qwen, sample_ids=["q-0", "q-1", "q-2"]) as tr:
+        with pytest.raises(RuntimeError, match="stopped in the prefill"):
+            qwen.generate(**batch, max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match=r"sample 0 \(id 'q-0'\) has an empty completion.* 3 samples"):
+        tr.trace  # noqa: B018
+    tr.sample_ids = None
+    with pytest.raises(ValueError, match=r"^sample 0 has an empty completion"):
+        tr.finish(batch["input_ids"])
+
+
 def test_nan_attention_names_the_sample(qwen):
     from dyco_probe.tracing.attention import attention_hooks
 
