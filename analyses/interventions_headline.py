@@ -3,11 +3,12 @@
 Runs the sweep `analyses/sweeps/interventions_headline.toml` on the built-in model (resumable: a
 rerun skips finished conditions) and writes to `figures/`:
 
-- `interventions_headline.csv` / `.md`: per experiment (image knockout on visual-role tokens / text
-  knockout on text-role tokens), role source (ground truth / Fisher–Rao), layer window and target:
-  the mean free-running accuracy change and teacher-forced log-probability changes (gold answer
-  tokens; the intervened tokens themselves) with bootstrap 95% CIs, and the paired difference to the
-  matched random control and to the other role's tokens (t-test p, Cohen's d_z);
+- `interventions_headline.csv` / `.md`: per experiment (image knockout on visual-role tokens /
+  text-history knockout on text-role tokens: the text the query reads, its own column excluded),
+  role source (ground truth / Fisher–Rao), layer window and target: the mean free-running accuracy
+  change and teacher-forced log-probability changes (gold answer tokens; the intervened tokens
+  themselves) with bootstrap 95% CIs, and the paired difference to the matched random control and to
+  the other role's tokens (t-test p, Cohen's d_z);
 - `interventions_headline.png` / `.pdf`: the same effects against the layer window.
 
 An intervention on token `t` acts on the query that produces it (the position of `o_{t-1}`, SPEC
@@ -29,10 +30,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SWEEP = ROOT / "analyses" / "sweeps" / "interventions_headline.toml"
-EXPERIMENTS = {  # key span -> (name, its role, the other role)
+EXPERIMENTS = {  # key span (dyco_probe.interventions.spec) -> (name, its role, the other role)
     "image": ("image knockout", "visual", "text"),
-    "text": ("text-history knockout", "text", "visual"),
+    "text_history": ("text-history knockout", "text", "visual"),
 }
+
+
+def knocked_out(keys: str, text_span: str = "post_image") -> str:
+    """What an experiment's knockout removes from the queries' attention, in words."""
+    if keys == "image":
+        return "the image placeholder tokens (key span `image`)"
+    text = (
+        "every position after the last image token up to the query: the question, then the completion so far"
+        if text_span == "post_image"
+        else "every non-image, non-padding position up to the query, system prompt included"
+    )
+    return f"the text the query reads ({text}), without the query's own column (key span `text_history`)"
+
+
 SOURCES = {"ground_truth": "ground-truth roles", "fisher_rao": "Fisher–Rao roles"}
 READOUTS = {
     "dacc": "Δ accuracy (free-running)",
@@ -78,6 +93,15 @@ def run_dir(args) -> Path:
     return Path(args.runs) / f"{Path(args.model).name}-{args.trajectory}-n{args.n}"
 
 
+def text_span(out: Path) -> str:
+    """The text span convention of the sweep's roles and key spans (its manifest), default post_image."""
+    import json
+
+    manifest = out / "manifest.json"
+    roles = json.loads(manifest.read_text()).get("roles", {}) if manifest.exists() else {}
+    return roles.get("text_span", "post_image")
+
+
 def layer_order(name: str) -> tuple:
     return (1, 0) if name == "all" else (0, int(name.split("-")[0]))
 
@@ -91,6 +115,9 @@ def tables(frame, n_boot: int):
     rows = []
     for keys, (name, role, other) in EXPERIMENTS.items():
         part = frame[frame["keys"] == keys]
+        if part.empty:
+            print(f"no {keys!r} knockout rows in these results: {name} left out")
+            continue
         for value in READOUTS:
             stats = summarize(part, value, ["role_source", "layers", "target"], n_boot=n_boot)
             stats["n_targets"] = (
@@ -158,11 +185,17 @@ def markdown(table, meta: dict) -> str:
         "# Interventions: does looking matter, does staying grounded matter?",
         "",
         f"Model `{meta['model']}`, {meta['n']} synthetic test problems, {meta['trajectory']} trajectories "
-        f"(their answer accuracy {meta['accuracy']:.3f}). Knockout = −∞ on the keys' attention logits "
-        "of the queries that produce the chosen tokens, at the given layers (all heads). Mean over samples "
+        f"(their answer accuracy {meta['accuracy']:.3f}). Knockout = −∞ on the attention logits, at the "
+        "given layers (all heads), from the queries that produce the chosen tokens to the knocked-out keys: "
+        + "; ".join(
+            f"**{name}**: {knocked_out(keys, meta.get('text_span', 'post_image'))}"
+            for keys, (name, _, _) in EXPERIMENTS.items()
+            if name in set(table["experiment"])
+        )
+        + ". Mean over samples "
         "with bootstrap 95% CI; `vs random` / `vs other`: paired difference to the matched random tokens "
         "(same count, same sample) / to the other role's tokens, with the paired t-test p. "
-        "The teacher-forced answer readout counts only the samples whose greedy answer is the gold one.",
+        "The teacher-forced answer readout counts only the samples whose trajectory's answer is the gold one.",
         "",
         f"Weights: `{meta['weights']}`. Sweep: `analyses/sweeps/interventions_headline.toml`.",
         "",
@@ -326,6 +359,7 @@ def main(argv=None) -> int:
         "n": int(frame["item_index"].nunique()),
         "accuracy": float(acc),
         "trajectory": args.trajectory,
+        "text_span": text_span(results.parent),
     }
     out = Path(args.figures) / "interventions_headline"
     out.parent.mkdir(parents=True, exist_ok=True)
