@@ -8,7 +8,8 @@ rerun skips finished conditions) and writes to `figures/`:
   role source (ground truth / Fisher–Rao), layer window and target: the mean free-running accuracy
   change and teacher-forced log-probability changes (gold answer tokens; the intervened tokens
   themselves) with bootstrap 95% CIs, and the paired difference to the matched random control and to
-  the other role's tokens (t-test p, Cohen's d_z);
+  the other role's tokens (t-test p, Cohen's d_z); the `.md` opens with what the tables show, written
+  from them;
 - `interventions_headline.png` / `.pdf`: the same effects against the layer window.
 
 An intervention on token `t` acts on the query that produces it (the position of `o_{t-1}`, SPEC
@@ -54,6 +55,7 @@ READOUTS = {
     "dlogp_answer": "Δ log p(gold answer) (teacher-forced)",
     "dlogp_target": "Δ log p(intervened token) (teacher-forced)",
 }
+ALPHA = 0.05  # "What it shows" states a difference only at paired-test p < ALPHA (and disjoint CIs)
 
 
 def run(args):
@@ -89,6 +91,21 @@ def weights_id(model: str) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def num_layers(model: str) -> int | None:
+    """Text-decoder layers of the model (from its config), None when unknown."""
+    import json
+
+    from dyco_probe.models.builtin import BUILTIN_DIR, BuiltinArchitecture
+
+    if model == "untrained":
+        return BuiltinArchitecture().num_layers
+    path = (BUILTIN_DIR if model == "builtin" else Path(model)) / "config.json"
+    if not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    return config.get("text_config", config).get("num_hidden_layers")
+
+
 def run_dir(args) -> Path:
     return Path(args.runs) / f"{Path(args.model).name}-{args.trajectory}-n{args.n}"
 
@@ -118,14 +135,16 @@ def tables(frame, n_boot: int):
         if part.empty:
             print(f"no {keys!r} knockout rows in these results: {name} left out")
             continue
+        groups = ["role_source", "layers", "target"]
         for value in READOUTS:
-            stats = summarize(part, value, ["role_source", "layers", "target"], n_boot=n_boot)
-            stats["n_targets"] = (
-                part.groupby(["role_source", "layers", "target"])["n_targets"]
-                .mean()
-                .reindex(pd.MultiIndex.from_frame(stats[["role_source", "layers", "target"]]))
-                .to_numpy()
-            )
+            stats = summarize(part, value, groups, n_boot=n_boot)
+            index = pd.MultiIndex.from_frame(stats[groups])
+            stats["n_targets"] = part.groupby(groups)["n_targets"].mean().reindex(index).to_numpy()
+            if value == "dlogp_answer" and "n_answer_targets" in part:
+                # samples whose intervened tokens include a gold answer token (see `last_layer_note`)
+                measured = part[part[value].notna()]
+                hits = (measured["n_answer_targets"] > 0).groupby([measured[g] for g in groups]).sum()
+                stats["n_answer_hit"] = hits.reindex(index).to_numpy()
             for control in (f"random:{role}", other):
                 cmp = compare_to_control(
                     part,
@@ -180,6 +199,148 @@ def pfmt(p) -> str:
     return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
 
 
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def windows_text(names: list[str]) -> str:
+    """E.g. `layers 0, 1, 3 and all layers at once`."""
+    singles = [n for n in names if n != "all"]
+    parts = []
+    if singles:
+        many = len(singles) > 1 or "-" in singles[0]
+        parts.append(("layers " if many else "layer ") + ", ".join(singles))
+    if "all" in names:
+        parts.append("all layers at once")
+    return " and ".join(parts)
+
+
+def verdict(role, control, against: str) -> tuple[str, str]:
+    """How the role's tokens compare with a control: `larger` (a larger drop), `smaller`, `none` or
+    `unmeasured`, and the paired difference in words. A difference counts only where the two 95% CIs
+    of the means do not overlap and the paired t-test (and the paired difference's CI) agree, p < ALPHA."""
+    diff, low, high, p = (role[f"{c}_vs_{against}"] for c in ("diff", "diff_low", "diff_high", "p_t"))
+    if control is None or any(_missing(x) for x in (role["mean"], control["mean"], diff)):
+        return "unmeasured", ""
+    scale = max(abs(diff), abs(low), abs(high))  # two significant digits for small differences
+    digits = 2 if scale >= 0.1 or scale == 0 else min(6, 1 - math.floor(math.log10(scale)))
+    numbers = f"{fmt(diff, low, high, digits)}, p={pfmt(p)}"
+    overlap = role["ci_low"] <= control["ci_high"] and control["ci_low"] <= role["ci_high"]
+    if _missing(p) or p >= ALPHA or low <= 0 <= high or overlap:
+        return "none", numbers
+    return ("larger" if diff < 0 else "smaller"), numbers
+
+
+def last_layer_note(part, last: int) -> list[str]:
+    """Why the teacher-forced answer readout cannot see a last-layer knockout of tokens other than the
+    answer tokens, with how many samples of each target had an answer token among their intervened
+    tokens. Empty where it does not apply: no last-layer window, or an answer token was intervened on
+    in every measured sample."""
+    rows = part[(part["readout"] == "dlogp_answer") & (part["layers"] == str(last)) & (part["n"] > 0)]
+    if rows.empty:
+        return []
+    recorded = "n_answer_hit" in rows and rows["n_answer_hit"].notna().any()
+    hits = rows["n_answer_hit"].fillna(0) if recorded else None
+    if recorded and (hits >= rows["n"]).all():
+        return []
+    text = (
+        f"*Layer {last} and {READOUTS['dlogp_answer']}.* At layer {last}, the last layer, this readout cannot "
+        "react to a knockout on tokens other than the gold answer tokens themselves (such as the chain of "
+        "thought before the answer): the knockout changes only the intervened queries' own last-layer "
+        "attention outputs, and the answer tokens' logits at the last layer do not depend on other "
+        "positions' last-layer attention outputs. It can move only on samples where an intervened token "
+        "is a gold answer token"
+    )
+    if not recorded:
+        return [text + " (not recorded in these results).", ""]
+    per_source = []
+    for source, group in rows.groupby("role_source", sort=False):
+        role = group["role"].iloc[0]
+        counts = ", ".join(
+            f"{int(hits[k])} of {int(r['n'])} samples for {target_name(r['target'], role)}"
+            for k, r in group.iterrows()
+        )
+        per_source.append(f"{SOURCES.get(source, source)}: {counts}")
+    text += "; here, " + "; ".join(per_source) + "."
+    if (hits == 0).any():
+        text += f" Where that count is 0, the layer-{last} values are zero by construction, not evidence that the layer does not matter."
+    return [text, ""]
+
+
+def target_name(target: str, role: str) -> str:
+    return "matched random tokens" if target.startswith("random:") else f"{target}-role tokens"
+
+
+def findings(table, meta: dict) -> list[str]:
+    """The "What it shows" section: for each experiment, readout, role source and layer window, whether
+    the knockout's effect on the role's tokens is larger than on matched random tokens and than on the
+    other role's tokens. Written from the table, nothing else."""
+    lines = [
+        "## What it shows",
+        "",
+        "Written from the tables below. Every Δ is intervened minus unintervened, so a negative value is a "
+        "drop and a *larger drop* is a more negative mean. A difference between the role's tokens and a "
+        "control is stated only where the two 95% CIs of the means do not overlap and the paired t-test "
+        f"gives p < {ALPHA} (the paired difference role − control, its bootstrap CI and p follow in "
+        "brackets); otherwise: *no detectable difference*.",
+        "",
+    ]
+    for keys, (experiment, role, other) in EXPERIMENTS.items():
+        part = table[table["experiment"] == experiment]
+        if part.empty:
+            continue
+        lines += [
+            f"### {experiment.capitalize()} on {role}-role tokens",
+            "",
+            f"Knocked out: {knocked_out(keys, meta.get('text_span', 'post_image'))}.",
+            "",
+        ]
+        for readout in READOUTS:
+            for source in SOURCES:
+                rows = part[(part["readout"] == readout) & (part["role_source"] == source)]
+                if rows.empty:
+                    continue
+                sentences = []
+                for control, against in ((f"random:{role}", "random"), (other, "other")):
+                    groups: dict[str, list[str]] = {"larger": [], "smaller": [], "none": [], "unmeasured": []}
+                    numbers = {}
+                    for layers in sorted(rows["layers"].unique(), key=layer_order):
+                        at = rows[rows["layers"] == layers]
+                        own = at[at["target"] == role]
+                        if own.empty:
+                            continue
+                        ctl = at[at["target"] == control]
+                        kind, numbers[layers] = verdict(
+                            own.iloc[0], None if ctl.empty else ctl.iloc[0], against
+                        )
+                        groups[kind].append(layers)
+                    clauses = [
+                        f"a {size} drop "
+                        + _and([f"at {windows_text([w])} ({numbers[w]})" for w in groups[size]])
+                        for size in ("larger", "smaller")
+                        if groups[size]
+                    ]
+                    if groups["none"]:
+                        clauses.append(f"no detectable difference at {windows_text(groups['none'])}")
+                    if groups["unmeasured"]:
+                        clauses.append(
+                            f"not measured (no sample has both) at {windows_text(groups['unmeasured'])}"
+                        )
+                    if clauses:
+                        sentences.append(f"against {target_name(control, role)}: {'; '.join(clauses)}.")
+                if sentences:
+                    text = " ".join(x[0].upper() + x[1:] for x in sentences)
+                    lines.append(f"- **{READOUTS[readout]}, {SOURCES[source]}.** {text}")
+        lines.append("")
+        if meta.get("num_layers"):
+            lines += last_layer_note(part, meta["num_layers"] - 1)
+    return lines
+
+
 def markdown(table, meta: dict) -> str:
     lines = [
         "# Interventions: does looking matter, does staying grounded matter?",
@@ -199,6 +360,7 @@ def markdown(table, meta: dict) -> str:
         "",
         f"Weights: `{meta['weights']}`. Sweep: `analyses/sweeps/interventions_headline.toml`.",
         "",
+        *findings(table, meta),
         "## Key numbers (all layers knocked out, and the single layer with the largest effect on the role's tokens)",
         "",
         "| experiment | roles | layers | readout | role tokens | matched random | other role | role − random [CI], p |",
@@ -359,6 +521,7 @@ def main(argv=None) -> int:
         "n": int(frame["item_index"].nunique()),
         "accuracy": float(acc),
         "trajectory": args.trajectory,
+        "num_layers": num_layers(args.model),
         "text_span": text_span(results.parent),
     }
     out = Path(args.figures) / "interventions_headline"
