@@ -1,7 +1,8 @@
 """Does looking matter, does staying grounded matter? The headline intervention experiment (SPEC §8).
 
 Runs the sweep `analyses/sweeps/interventions_headline.toml` on the built-in model (resumable: a
-rerun skips finished conditions) and writes to `figures/`:
+rerun skips finished conditions; one sweep directory per weights hash, so a retrained checkpoint
+starts afresh) and writes to `figures/`:
 
 - `interventions_headline.csv` / `.md`: per experiment (image knockout on visual-role tokens /
   text-history knockout on text-role tokens: the text the query reads, its own column excluded),
@@ -107,7 +108,9 @@ def num_layers(model: str) -> int | None:
 
 
 def run_dir(args) -> Path:
-    return Path(args.runs) / f"{Path(args.model).name}-{args.trajectory}-n{args.n}"
+    """One sweep directory per weights: a retrained checkpoint never reuses the old one's rows."""
+    weights = weights_id(args.model).removeprefix("sha256:")[:12]
+    return Path(args.runs) / f"{Path(args.model).name}-{weights}-{args.trajectory}-n{args.n}"
 
 
 def text_span(out: Path) -> str:
