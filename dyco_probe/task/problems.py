@@ -47,7 +47,7 @@ class TaskConfig:
     min_objects: int = 6  # every scene shows every shape and every colour once: no attribute is
     max_objects: int = 6  # guessable from the others, only the pairing (which the question asks) varies
     min_hops: int = 2  # look-ups per question
-    max_hops: int = 4
+    max_hops: int = 5
     min_value: int = 1
     max_value: int = 9
     key_attributes: tuple[str, ...] = ("shape", "colour")  # which attribute names the objects
