@@ -46,6 +46,7 @@ _EXPORTS = {
     "score_tokens": "dyco_probe.scoring",
     "alignment_scores": "dyco_probe.scoring",
     "reweight_advantages": "dyco_probe.scoring",
+    "dyco_advantages": "dyco_probe.scoring",
     "get_labeller": "dyco_probe.labellers",
 }
 

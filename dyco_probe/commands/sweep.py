@@ -56,7 +56,8 @@ def run(args) -> int:
         f"in {summary.seconds:.1f} s -> {summary.out}"
     )
     if summary.world_size > 1:
-        text += f"\nwhen every process has finished: dyco-probe sweep {args.file} --merge"
+        out = f" --out {args.out}" if args.out else ""
+        text += f"\nwhen every process has finished: dyco-probe sweep {args.file}{out} --merge"
     emit(args, result, text)
     return 0
 
