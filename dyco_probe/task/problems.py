@@ -56,7 +56,7 @@ class TaskConfig:
     colour_jitter: int = 40  # per-channel colour noise
     min_size: float = 0.15  # object half-width, fraction of the cell
     max_size: float = 0.38
-    pixel_noise: float = 60.0  # Gaussian pixel noise (std, 0-255 units)
+    pixel_noise: float = 70.0  # Gaussian pixel noise (std, 0-255 units)
 
     def __post_init__(self):
         if not 1 <= self.n_shapes <= len(SHAPES):
