@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "MINI_BUILTIN_ARCH",
     "TINY_TOKENS",
     "TinyTokens",
+    "mini_builtin",
     "tiny_batch",
     "tiny_llava",
     "tiny_qwen2_5_vl",
@@ -482,3 +484,34 @@ def save_tiny_checkpoint(family: str, path, seed: int = 0):
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+MINI_BUILTIN_ARCH = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=2,
+    vision_depth=1,
+    vision_hidden=32,
+    vision_heads=2,
+    vision_intermediate=64,
+)
+
+
+def mini_builtin(seed: int = 0, suppress_special: bool = True):
+    """The built-in architecture in miniature (``MINI_BUILTIN_ARCH``), untrained, as a ``ModelHandle``
+    on the synthetic task's tokenizer; with ``suppress_special`` it never emits image placeholders or
+    other special tokens (EOS excepted), so its generations are valid completions."""
+    from dyco_probe.models.adapters import QWEN2_5_VL
+    from dyco_probe.models.builtin import SPECIAL_TOKENS, BuiltinArchitecture, build_untrained
+    from dyco_probe.models.loading import ModelHandle
+
+    model, processor = build_untrained(BuiltinArchitecture(**MINI_BUILTIN_ARCH), seed=seed)
+    model.eval()
+    if suppress_special:
+        tok = processor.tokenizer
+        model.generation_config.suppress_tokens = [
+            tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS if t != "<|im_end|>"
+        ]
+    return ModelHandle(model, processor, QWEN2_5_VL, "untrained")

@@ -6,6 +6,7 @@ import torch
 from dyco_probe import api
 from dyco_probe.api import TraceResult, concat_traces, summarize, trace, trace_completions
 from dyco_probe.data import synthetic_examples
+from dyco_probe.testing import mini_builtin
 from dyco_probe.tracing import SIGNAL_NAMES, Trace, TraceConfig
 
 torch.set_num_threads(1)
@@ -13,28 +14,7 @@ torch.set_num_threads(1)
 
 def small_handle(seed: int = 0):
     """The built-in architecture in miniature, untrained, that never emits image placeholders."""
-    from dyco_probe.models.adapters import QWEN2_5_VL
-    from dyco_probe.models.builtin import SPECIAL_TOKENS, BuiltinArchitecture, build_untrained
-    from dyco_probe.models.loading import ModelHandle
-
-    arch = BuiltinArchitecture(
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=2,
-        vision_depth=1,
-        vision_hidden=32,
-        vision_heads=2,
-        vision_intermediate=64,
-    )
-    model, processor = build_untrained(arch, seed=seed)
-    model.eval()
-    tok = processor.tokenizer
-    model.generation_config.suppress_tokens = [
-        tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS if t not in ("<|im_end|>",)
-    ]
-    return ModelHandle(model, processor, QWEN2_5_VL, "untrained")
+    return mini_builtin(seed)
 
 
 @pytest.fixture(scope="module")

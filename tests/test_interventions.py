@@ -29,22 +29,10 @@ from dyco_probe.interventions import (
 )
 from dyco_probe.interventions.readouts import generate_greedy
 from dyco_probe.roles import Role
-from dyco_probe.testing import TINY_TOKENS, tiny_batch, tiny_llava, tiny_qwen2_5_vl
+from dyco_probe.testing import TINY_TOKENS, mini_builtin, tiny_batch, tiny_llava, tiny_qwen2_5_vl
 from dyco_probe.tracing import TraceConfig, trace_offline
 
 torch.set_num_threads(1)
-
-TINY_ARCH = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=2,
-    num_kv_heads=2,
-    vision_depth=1,
-    vision_hidden=32,
-    vision_heads=2,
-    vision_intermediate=64,
-)
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +54,7 @@ def completion(qwen, batch):
 
 @pytest.fixture(scope="module")
 def handle():
-    from dyco_probe.models.adapters import QWEN2_5_VL
-    from dyco_probe.models.builtin import BuiltinArchitecture, build_untrained
-    from dyco_probe.models.loading import ModelHandle
-
-    model, processor = build_untrained(BuiltinArchitecture(**TINY_ARCH), seed=0)
-    return ModelHandle(model=model.eval(), processor=processor, adapter=QWEN2_5_VL, source="untrained")
+    return mini_builtin(suppress_special=False)
 
 
 def other_pixels(batch, seed=99):

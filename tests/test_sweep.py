@@ -60,23 +60,9 @@ METRICS = [
 
 @pytest.fixture(scope="module")
 def handle():
-    from dyco_probe.models.adapters import QWEN2_5_VL
-    from dyco_probe.models.builtin import BuiltinArchitecture, build_untrained
-    from dyco_probe.models.loading import ModelHandle
+    from dyco_probe.testing import mini_builtin
 
-    arch = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=2,
-        vision_depth=1,
-        vision_hidden=32,
-        vision_heads=2,
-        vision_intermediate=64,
-    )
-    model, processor = build_untrained(BuiltinArchitecture(**arch), seed=0)
-    return ModelHandle(model=model.eval(), processor=processor, adapter=QWEN2_5_VL, source="untrained")
+    return mini_builtin(suppress_special=False)
 
 
 def write(tmp_path, text=SWEEP, name="sweep.toml", out="out"):

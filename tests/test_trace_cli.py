@@ -14,24 +14,10 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """The built-in architecture in miniature, untrained, saved like a real checkpoint."""
-    from dyco_probe.models.builtin import SPECIAL_TOKENS, BuiltinArchitecture, build_untrained
+    from dyco_probe.testing import mini_builtin
 
-    arch = BuiltinArchitecture(
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=2,
-        vision_depth=1,
-        vision_hidden=32,
-        vision_heads=2,
-        vision_intermediate=64,
-    )
-    model, processor = build_untrained(arch)
-    tok = processor.tokenizer
-    model.generation_config.suppress_tokens = [
-        tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS if t != "<|im_end|>"
-    ]
+    handle = mini_builtin()
+    model, processor = handle.model, handle.processor
     path = tmp_path_factory.mktemp("ckpt")
     model.save_pretrained(path)
     processor.save_pretrained(path)
