@@ -155,6 +155,31 @@ def write_table(rows: list[dict], out: Path) -> str:
     return "\n".join(lines)
 
 
+def findings(rows: list[dict]) -> list[str]:
+    """What the table shows, in words, from its intervals (no claim the intervals do not support)."""
+
+    def verdict(mean: float, half: float, up: str, down: str) -> str:
+        if math.isnan(half):
+            return f"{mean * 100:+.1f} points (one seed: no interval)"
+        if mean - half > 0:
+            return f"{up} ({mean * 100:+.1f} ± {half * 100:.1f} points)"
+        if mean + half < 0:
+            return f"{down} ({mean * 100:+.1f} ± {half * 100:.1f} points)"
+        return f"no detectable change ({mean * 100:+.1f} ± {half * 100:.1f} points)"
+
+    out = []
+    for r in rows:
+        line = f"- {r['algo'].upper()}, {LABELS[r['dyco']]}: held-out accuracy: " + verdict(
+            *r["gain"], "rose", "fell"
+        )
+        if r["dyco"] != "off":
+            line += "; against the baseline of the same seeds: " + verdict(
+                *r["vs_off"], "DyCo ahead", "DyCo behind"
+            )
+        out.append(line + ".")
+    return out
+
+
 def plot_curves(curves: dict, algos, out: Path) -> None:
     import matplotlib
 
@@ -280,6 +305,13 @@ def main() -> None:
             "is the paired difference to the same algorithm and seed with DyCo off.",
             "",
             table,
+            "",
+            "## What it shows",
+            "",
+            "Each gain and paired difference is read from its 95% t-interval over seeds: a change is stated "
+            "only where the interval excludes 0.",
+            "",
+            *findings(rows),
             "",
             "Learning curves: `rl_learning_curves.png` / `.pdf`.",
             "",
