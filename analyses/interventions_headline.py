@@ -82,14 +82,10 @@ def run(args):
 
 def weights_id(model: str) -> str:
     """`model.safetensors` sha256 (first 16 hex digits) of a checkpoint directory, for provenance."""
-    import hashlib
+    from dyco_probe.models.loading import weights_sha256
 
-    from dyco_probe.models.builtin import BUILTIN_DIR
-
-    path = (BUILTIN_DIR if model == "builtin" else Path(model)) / "model.safetensors"
-    if not path.exists():
-        return "unknown"
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    digest = weights_sha256(model)
+    return "unknown" if digest is None else "sha256:" + digest[:16]
 
 
 def num_layers(model: str) -> int | None:

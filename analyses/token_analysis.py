@@ -32,26 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def weights_digest(model: str) -> str:
-    """Short sha256 of a checkpoint's ``model.safetensors`` (``nohash`` when there is none)."""
-    import hashlib
-
-    from dyco_probe.models.builtin import BUILTIN_DIR
-
-    path = (BUILTIN_DIR if model == "builtin" else Path(model)) / "model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "nohash"
-
-
 def get_trace(args):
     """The trace to analyse (cached in ``--runs``), and the tokenizer and examples ground truth needs."""
     import dyco_probe as dp
+    from dyco_probe.models.loading import weights_sha256
 
     if args.trace:
         return dp.Trace.load(args.trace), None, None
     examples = dp.read_jsonl(args.data)[: args.n] if args.data else dp.synthetic_examples(args.split, args.n)
     name = (
         Path(args.model).name
-        + f"-{weights_digest(args.model)}"  # a retrained checkpoint never reuses a stale trace
+        + f"-{(weights_sha256(args.model) or 'nohash')[:12]}"  # a retrained checkpoint never reuses a stale trace
         + (f"-{Path(args.data).stem}" if args.data else f"-{args.split}")
         + f"-n{args.n}"
     )

@@ -508,12 +508,9 @@ def conclusion(
 
 def fingerprint(model: str) -> str:
     """Short sha256 of the checkpoint's weights, to tell shipped versions apart."""
-    import hashlib
+    from dyco_probe.models.loading import weights_sha256
 
-    from dyco_probe.models.builtin import BUILTIN_DIR
-
-    path = (BUILTIN_DIR if model == "builtin" else Path(model)) / "model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "unknown"
+    return (weights_sha256(model) or "unknown")[:12]
 
 
 def training_note(model: str) -> str | None:

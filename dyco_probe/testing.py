@@ -385,16 +385,7 @@ def save_tiny_checkpoint(family: str, path, seed: int = 0):
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    arch = BuiltinArchitecture(
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        vision_hidden=32,
-        vision_heads=2,
-        vision_intermediate=64,
-    )
+    arch = BuiltinArchitecture(**{**MINI_BUILTIN_ARCH, "num_kv_heads": 1, "vision_depth": 2})  # GQA
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     if family in ("qwen2_5_vl", "qwen2_vl"):

@@ -93,6 +93,15 @@ def _resolve(source: str | os.PathLike) -> Path:
     return path
 
 
+def weights_sha256(source: str | os.PathLike) -> str | None:
+    """Hex sha256 of a checkpoint's ``model.safetensors`` (``"builtin"`` or a directory), to tell
+    trained versions apart in caches and reports; ``None`` when there is no such file."""
+    import hashlib
+
+    path = (BUILTIN_DIR if str(source) == "builtin" else Path(source).expanduser()) / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def _load_processor(path: Path, adapter: FamilyAdapter):
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
