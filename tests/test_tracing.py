@@ -334,3 +334,40 @@ def test_trace_indexing_pandas_and_parquet_round_trip(qwen, tmp_path):
     # roles and scores can be recomputed from the saved trace
     assert torch.equal(back.roles(), trace.roles())
     assert torch.equal(back.score()["s"], trace.score()["s"])
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_online_trace_is_the_same_whatever_the_chunk(chunk, qwen, monkeypatch):
+    """Online rows are buffered and processed `chunk` steps at a time; block boundaries (where the
+    dynamics read the previous block's last distributions) must not change a number."""
+    import dyco_probe.tracing.signals as signals
+
+    batch = tiny_batch(qwen, 3, images_per_prompt=2, seed=1)
+    config = TraceConfig(layers="all", per_layer=True, image_rows=True)
+    whole, completion = trace_generate(qwen, batch, max_new_tokens=7, min_new_tokens=7, config=config)
+    monkeypatch.setattr(signals, "DEFAULT_CHUNK", chunk)
+    chunked, again = trace_generate(qwen, batch, max_new_tokens=7, min_new_tokens=7, config=config)
+    assert torch.equal(completion, again)
+    ref = reference_trace(qwen, batch, completion, chunked.mask, layers=[0, 1, 2, 3])
+    assert_close_to_reference(chunked, ref)
+    for k in SIGNAL_NAMES:
+        assert torch.allclose(getattr(whole, k), getattr(chunked, k), atol=1e-6), k
+        assert torch.allclose(whole.per_layer[k], chunked.per_layer[k], atol=1e-6), k
+    assert torch.allclose(whole.image_rows, chunked.image_rows, atol=1e-6)
+    offline = trace_offline(qwen, batch, completion, chunked.mask, config=config)
+    for k in SIGNAL_NAMES:
+        assert torch.allclose(getattr(offline, k)[chunked.mask], getattr(chunked, k)[chunked.mask], atol=1e-5)
+
+
+def test_step_signals_rejects_a_row_of_the_wrong_length(qwen):
+    from dyco_probe.spans import spans_for_model
+    from dyco_probe.tracing.signals import StepSignals
+
+    batch = tiny_batch(qwen, 2, images_per_prompt=1, seed=2)
+    signals = StepSignals(spans_for_model(qwen, batch, image_token_id=TINY_TOKENS.image), chunk=4)
+    length = batch["input_ids"].shape[1]
+    signals.step(torch.rand(2, 1, length))
+    with pytest.raises(RuntimeError, match="step 2: attention row has"):
+        signals.step(torch.rand(2, 1, length + 3))
+    with pytest.raises(RuntimeError, match="rows have"):
+        signals.steps(torch.rand(2, 1, 3, length + 1))

@@ -19,6 +19,7 @@ from ..spans import Spans
 __all__ = ["StepSignals", "reduce_rows"]
 
 SIGNALS = ("r_vis", "r_txt", "r_vis_norm", "r_txt_norm", "v_vis", "v_txt")
+DEFAULT_CHUNK = 32  # steps buffered online before they are processed together
 
 
 def reduce_rows(per_layer: Tensor, per_layer_output: bool) -> Tensor:
@@ -37,11 +38,15 @@ class StepSignals:
         distance: name of the distance for the dynamics.
         keep_image_rows: also keep group 0's attention over each sample's image tokens.
         eps: guard of the normalised ratios.
+        chunk: steps buffered before they are processed together (default `DEFAULT_CHUNK`).
 
-    A step costs a few dozen small tensor operations (it runs once per generated token): the span
-    masks are prefixes of buffers built once, the three distributions share one `masked_distribution`
-    call and the two distances one distance call (zero padding changes neither), and what depends on
-    the ratios alone (`r̃`, the NaN check) is computed once at the end.
+    Online, a step only checks the row's length and buffers it (it runs once per generated token,
+    so it must be cheap); every `chunk` steps the buffered rows are processed at once by the same
+    vectorised code that processes an offline trace (`steps`). Memory stays bounded: the buffer
+    (`chunk` rows), the last processed step's distributions, and 16 bytes per step per sample of
+    output. The span masks are prefixes of buffers built once, the three distributions share one
+    `masked_distribution` call and the two distances one distance call (zero padding changes
+    neither), and what depends on the ratios alone (`r̃`, the NaN check) is computed at the end.
     """
 
     def __init__(
@@ -51,17 +56,25 @@ class StepSignals:
         distance: str = "fisher_rao",
         keep_image_rows: bool = False,
         eps: float = 1e-8,
+        chunk: int | None = None,
     ):
+        chunk = DEFAULT_CHUNK if chunk is None else chunk
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.spans = spans
         self.text_span = text_span
         self.distance = get_distance(distance)
         self.eps = eps
+        self.chunk = chunk
         self.keep_image_rows = keep_image_rows
-        self._prev: Tensor | None = None  # [2, B, G, K-1]: p_vis(t-1), p_txt(t-1)
-        self._ratios: list[Tensor] = []  # [B, G, 2] per step
-        self._dynamics: list[Tensor] = []  # [B, G, 2] per step
-        self._image_rows: list[Tensor] = []
-        self._has_image = spans.has_image[:, None].to(torch.float32)
+        self._pending: list[Tensor] = []  # buffered rows, [B, G, K_t] each
+        self._steps = 0  # steps fed, buffered ones included
+        self._done = 0  # steps processed
+        self._prev: Tensor | None = None  # [2, B, G, K]: p_vis, p_txt of the last processed step
+        self._ratios: list[Tensor] = []  # [B, G, n, 2] per processed block
+        self._dynamics: list[Tensor] = []  # [B, G, n, 2] per processed block
+        self._image_rows: list[Tensor] = []  # [B, n, N] per processed block
+        self._has_image = spans.has_image[:, None, None].to(torch.float32)  # [B, 1, 1]
         self._masks: Tensor | None = None  # [3, B, 1, capacity] bool: I, X, X
         self._weights: Tensor | None = None  # [B, capacity, 2] float: I, X
         if keep_image_rows:
@@ -74,19 +87,18 @@ class StepSignals:
 
     @property
     def num_steps(self) -> int:
-        return len(self._ratios)
+        return self._steps
 
     def state_nbytes(self) -> int:
-        """Bytes retained: the previous step's distributions plus the per-token outputs so far."""
-        tensors = [self._prev, *self._ratios, *self._dynamics, *self._image_rows]
+        """Bytes retained: buffered rows, the last step's distributions and the outputs so far."""
+        tensors = [self._prev, *self._pending, *self._ratios, *self._dynamics, *self._image_rows]
         return sum(x.numel() * x.element_size() for x in tensors if x is not None)
 
     def _span_masks(self, num_keys: int) -> tuple[Tensor, Tensor]:
-        """`(masks [3, B, 1, K], weights [B, K, 2])` for the query in column `K - 1`.
+        """`(masks [3, B, 1, K], weights [B, K, 2])` over the first `K = num_keys` columns.
 
         `X(q)` for every query is a prefix of one mask (columns up to `q`), so the buffers are built
-        once (and doubled when generation outgrows them); the third mask is `X_{t-1}`, i.e. `X_t`
-        without its last column, which the caller clears.
+        once (and doubled when generation outgrows them); `_process` cuts each step's prefix.
         """
         if self._masks is None or self._masks.shape[-1] < num_keys:
             size = max(num_keys, 2 * self.spans.prompt_length + 64)
@@ -98,48 +110,96 @@ class StepSignals:
             self._weights = torch.stack([image, text], dim=-1).to(torch.float32)
         return self._masks[..., :num_keys], self._weights[:, :num_keys]
 
+    def _expected_keys(self, t: int) -> int:
+        return self.spans.prompt_length + t - 1
+
     def step(self, rows: Tensor) -> None:
-        """Feed the rows of the next step: `[B, G, K]`, `K` = query column + 1, float32."""
-        num_keys = rows.shape[-1]
-        t = self.num_steps + 1
-        if num_keys != self.spans.prompt_length + t - 1:
+        """Feed the rows of the next step: `[B, G, K]`, `K` = query column + 1."""
+        t = self._steps + 1
+        if rows.shape[-1] != self._expected_keys(t):
             raise RuntimeError(
-                f"step {t}: attention row has {num_keys} keys, expected {self.spans.prompt_length + t - 1} "
+                f"step {t}: attention row has {rows.shape[-1]} keys, expected {self._expected_keys(t)} "
                 "(was the cache reused or the batch reordered, e.g. by beam search?)"
             )
-        rows = rows.to(torch.float32)
-        masks, weights = self._span_masks(num_keys)
-        self._ratios.append(torch.bmm(rows, weights))  # r_vis, r_txt: [B, G, 2]; NaN rows stay NaN
+        self._pending.append(rows)
+        self._steps = t
+        if len(self._pending) >= self.chunk:
+            self._flush()
 
-        masks = masks.clone()
-        masks[2, ..., -1] = False  # X_{t-1}
-        # p_vis(t), p_txt(t), p̂_txt(t) (a_t restricted to X_{t-1}); all [B, G, K]
-        dists = masked_distribution(rows.unsqueeze(0), masks)
-        if self._prev is None:
-            self._dynamics.append(torch.zeros_like(self._ratios[-1]))
+    def steps(self, rows: Tensor) -> None:
+        """Feed `n` steps at once: `[B, G, n, K]`; step `j`'s row is read over its own keys only
+        (the first `L + t - 1` columns, `t` its 1-based step), so anything past them is ignored."""
+        self._flush()
+        n = rows.shape[2]
+        last = self._expected_keys(self._steps + n)
+        if n and rows.shape[-1] < last:
+            raise RuntimeError(
+                f"steps {self._steps + 1}..{self._steps + n}: rows have {rows.shape[-1]} keys, need {last}"
+            )
+        for start in range(0, n, self.chunk):
+            stop = min(start + self.chunk, n)
+            self._process(rows[:, :, start:stop, : self._expected_keys(self._steps + stop)])
+            self._steps += stop - start
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        num_keys = rows[-1].shape[-1]
+        block = rows[-1].new_zeros(*rows[-1].shape[:2], len(rows), num_keys)
+        for j, row in enumerate(rows):
+            block[:, :, j, : row.shape[-1]] = row
+        self._process(block)
+
+    def _process(self, rows: Tensor) -> None:
+        """Signals of steps `_done + 1 .. _done + n` from their rows `[B, G, n, K]` (`K` the last
+        step's key count; each step's row is cut to its own keys here)."""
+        n, num_keys = rows.shape[2], rows.shape[3]
+        first = self._done + 1
+        cols = torch.arange(num_keys, device=rows.device)
+        keys = self._expected_keys(first) + torch.arange(n, device=rows.device)  # [n]
+        upto = cols[None, :] < keys[:, None]  # [n, K]: step j's keys
+        rows = torch.where(upto, rows.to(torch.float32), torch.zeros((), device=rows.device))
+        masks, weights = self._span_masks(num_keys)
+        ratios = torch.matmul(rows, weights[:, None])  # r_vis, r_txt: [B, G, n, 2]; NaN rows stay NaN
+
+        upto_prev = cols[None, :] < (keys - 1)[:, None]  # X_{t-1}: step j's keys but its query's own
+        prefix = torch.stack([upto, upto, upto_prev])[:, None, None]  # [3, 1, 1, n, K]
+        # p_vis(t), p_txt(t), p̂_txt(t) (a_t restricted to X_{t-1}); all [3, B, G, n, K]
+        dists = masked_distribution(rows.unsqueeze(0), masks[..., None, :] & prefix)
+        prev = self._prev
+        if prev is None:
+            prev = torch.zeros_like(dists[:2, :, :, :1])
         else:
-            v = self.distance(
-                self._prev, dists[::2, ..., :-1]
-            )  # (p_vis(t-1), p_vis(t)), (p_txt(t-1), p̂_txt(t))
-            self._dynamics.append(torch.stack([v[0] * self._has_image, v[1]], dim=-1))
-        self._prev = dists[:2]
+            prev = torch.nn.functional.pad(prev, (0, num_keys - prev.shape[-1]))[:, :, :, None]
+        # (p_vis(t-1), p_vis(t)), (p_txt(t-1), p̂_txt(t)) for every step of the block at once
+        v = self.distance(torch.cat([prev, dists[:2, :, :, :-1]], dim=3), dists[::2])  # [2, B, G, n]
+        if self._prev is None:
+            v[..., 0] = 0.0  # the first step has no predecessor
+        self._dynamics.append(torch.stack([v[0] * self._has_image, v[1]], dim=-1))
+        self._ratios.append(ratios)
+        self._prev = dists[:2, :, :, -1]
 
         if self.keep_image_rows:
-            gathered = torch.gather(rows[:, 0, : self.spans.prompt_length], 1, self.image_index)
-            self._image_rows.append(gathered * self.image_index_mask)
+            length = self.spans.prompt_length
+            index = self.image_index[:, None, :].expand(-1, n, -1)
+            gathered = torch.gather(rows[:, 0, :, :length], 2, index)
+            self._image_rows.append(gathered * self.image_index_mask[:, None, :])
+        self._done += n
 
     def result(self) -> dict[str, Tensor]:
         """Signals stacked over steps: each `[B, T, G]`; `nan` `[B, T]`; `image_rows` `[B, T, N]`."""
-        if not self.num_steps:
+        self._flush()
+        if not self._done:
             raise ValueError("no generation step was traced (empty completion)")
-        ratios = torch.stack(self._ratios, dim=1)  # [B, T, G, 2]
-        dynamics = torch.stack(self._dynamics, dim=1)
+        ratios = torch.cat(self._ratios, dim=2).transpose(1, 2)  # [B, T, G, 2]
+        dynamics = torch.cat(self._dynamics, dim=2).transpose(1, 2)
         r_vis, r_txt = ratios.unbind(-1)
         r_vis_norm, r_txt_norm = normalised_ratios(r_vis, r_txt, eps=self.eps)
         v_vis, v_txt = dynamics.unbind(-1)
         out = dict(zip(SIGNALS, (r_vis, r_txt, r_vis_norm, r_txt_norm, v_vis, v_txt)))
         out["nan"] = torch.isnan(ratios).flatten(2).any(-1)
         if self.keep_image_rows:
-            out["image_rows"] = torch.stack(self._image_rows, dim=1)
+            out["image_rows"] = torch.cat(self._image_rows, dim=1)
             out["image_rows_mask"] = self.image_index_mask
         return out

@@ -442,6 +442,5 @@ def trace_offline(
     )
     rows = reduce_rows(rows.to(torch.float32), probe.config.per_layer)  # [B, G, T, K]
     signals = probe.signals(spans)
-    for t in range(steps):
-        signals.step(rows[:, :, t, : length + t])
+    signals.steps(rows)
     return probe.build(signals, spans, completion_ids, completion_mask, "offline", backend, sample_ids)
