@@ -1,10 +1,11 @@
-"""From attention rows to the per-token signals of SPEC §2-3, one generation step at a time.
+"""From attention rows to the per-token signals of SPEC §2-3, processed a block of steps at a time.
 
 Every backend and both modes (online during `generate`, offline teacher-forced) feed the same
-`StepSignals`, one `[B, G, K]` row block per step, so they produce the same numbers. `G` indexes row
-groups: group 0 is the mean over probed layers, groups 1.. the probed layers themselves when
-per-layer output is asked for. Only the previous step's distributions are kept: memory is
-`O(G · K)` per sample, whatever the number of layers or steps.
+`StepSignals`, so they produce the same numbers: online one `[B, G, K]` row per step (`step`, which
+buffers), offline all steps at once (`steps`). `G` indexes row groups: group 0 is the mean over
+probed layers, groups 1.. the probed layers themselves when per-layer output is asked for. Besides
+the per-token outputs, only the buffered rows (at most `chunk`) and the last processed step's
+distributions are kept: memory is `O(chunk · G · K)` per sample, whatever the number of layers or steps.
 """
 
 from __future__ import annotations
