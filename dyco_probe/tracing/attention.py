@@ -162,7 +162,9 @@ class AttentionCall:
             if self.mask.ndim == 4:
                 mask = self.mask[..., : self.key.shape[2]]
                 if mask.dtype == torch.bool:
-                    return torch.zeros((), device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+                    return torch.zeros((), device=mask.device).masked_fill(
+                        ~mask, torch.finfo(torch.float32).min
+                    )
                 return mask.to(torch.float32).clamp_min(torch.finfo(torch.float32).min)
         return _mask_rows(self.mask, rows, self.query_columns, self.key.shape[2], self.query.device)
 
