@@ -156,16 +156,8 @@ class AttentionCall:
 
     def logit_mask(self, rows: Tensor) -> Tensor:
         """The additive float32 mask of query `rows`, `[B|1, 1, R, K]`: 0 where visible, dtype-min elsewhere."""
-        if self.num_queries == 1:  # a decode step: one row, sliced rather than gathered
-            if self.mask is None:  # no padding: it sees every key
-                return torch.zeros((), dtype=torch.float32, device=self.query.device)
-            if self.mask.ndim == 4:
-                mask = self.mask[..., : self.key.shape[2]]
-                if mask.dtype == torch.bool:
-                    return torch.zeros((), device=mask.device).masked_fill(
-                        ~mask, torch.finfo(torch.float32).min
-                    )
-                return mask.to(torch.float32).clamp_min(torch.finfo(torch.float32).min)
+        if self.mask is None and self.num_queries == 1:  # a decode step without padding sees every key
+            return torch.zeros((), dtype=torch.float32, device=self.query.device)
         return _mask_rows(self.mask, rows, self.query_columns, self.key.shape[2], self.query.device)
 
 
@@ -334,8 +326,11 @@ def _probs_in_chunks(call: AttentionCall, rows: Tensor, biases) -> Tensor:
     for start in range(0, len(rows), _ROW_CHUNK):
         chunk = rows[start : start + _ROW_CHUNK]
         bias = _bias_block(biases, chunk) if biases else None
-        query = call.query if call.num_queries == 1 else call.query[:, :, chunk]
-        parts.append(explicit_attention_rows(query, call.key, call.scaling, call.logit_mask(chunk), bias))
+        parts.append(
+            explicit_attention_rows(
+                call.query[:, :, chunk], call.key, call.scaling, call.logit_mask(chunk), bias
+            )
+        )
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
