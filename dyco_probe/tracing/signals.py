@@ -70,7 +70,6 @@ class StepSignals:
         self.keep_image_rows = keep_image_rows
         self._pending: list[Tensor] = []  # buffered rows, [B, G, K_t] each
         self._steps = 0  # steps fed, buffered ones included
-        self._done = 0  # steps processed
         self._prev: Tensor | None = None  # [2, B, G, K]: p_vis, p_txt of the last processed step
         self._ratios: list[Tensor] = []  # [B, G, n, 2] per processed block
         self._dynamics: list[Tensor] = []  # [B, G, n, 2] per processed block
@@ -137,10 +136,11 @@ class StepSignals:
             raise RuntimeError(
                 f"steps {self._steps + 1}..{self._steps + n}: rows have {rows.shape[-1]} keys, need {last}"
             )
+        first = self._steps + 1
+        self._steps += n
         for start in range(0, n, self.chunk):
             stop = min(start + self.chunk, n)
-            self._process(rows[:, :, start:stop, : self._expected_keys(self._steps + stop)])
-            self._steps += stop - start
+            self._process(rows[:, :, start:stop, : self._expected_keys(first + stop - 1)], first + start)
 
     def _flush(self) -> None:
         if not self._pending:
@@ -150,13 +150,12 @@ class StepSignals:
         block = rows[-1].new_zeros(*rows[-1].shape[:2], len(rows), num_keys)
         for j, row in enumerate(rows):
             block[:, :, j, : row.shape[-1]] = row
-        self._process(block)
+        self._process(block, self._steps - len(rows) + 1)
 
-    def _process(self, rows: Tensor) -> None:
-        """Signals of steps `_done + 1 .. _done + n` from their rows `[B, G, n, K]` (`K` the last
+    def _process(self, rows: Tensor, first: int) -> None:
+        """Signals of steps `first .. first + n - 1` from their rows `[B, G, n, K]` (`K` the last
         step's key count; each step's row is cut to its own keys here)."""
         n, num_keys = rows.shape[2], rows.shape[3]
-        first = self._done + 1
         cols = torch.arange(num_keys, device=rows.device)
         keys = self._expected_keys(first) + torch.arange(n, device=rows.device)  # [n]
         upto = cols[None, :] < keys[:, None]  # [n, K]: step j's keys
@@ -186,12 +185,11 @@ class StepSignals:
             index = self.image_index[:, None, :].expand(-1, n, -1)
             gathered = torch.gather(rows[:, 0, :, :length], 2, index)
             self._image_rows.append(gathered * self.image_index_mask[:, None, :])
-        self._done += n
 
     def result(self) -> dict[str, Tensor]:
         """Signals stacked over steps: each `[B, T, G]`; `nan` `[B, T]`; `image_rows` `[B, T, N]`."""
         self._flush()
-        if not self._done:
+        if not self._steps:
             raise ValueError("no generation step was traced (empty completion)")
         ratios = torch.cat(self._ratios, dim=2).transpose(1, 2)  # [B, T, G, 2]
         dynamics = torch.cat(self._dynamics, dim=2).transpose(1, 2)
