@@ -10,7 +10,10 @@ Measures, on the synthetic test split:
   every value appears once per scene, so it is chance);
 - how often the probed layer's attention (last layer, mean over heads, restricted to image tokens)
   from each look-up query peaks on the relevant image token, and the attention share there, against
-  chance (one over the number of image tokens).
+  chance (one over the number of image tokens);
+- by subset of the questions (no note, true note, false note: the planted failure): answer accuracy
+  and how often the chain copies the noted look-up from the note instead of reading the image.
+  Look-up statistics are given for un-noted look-ups and, teacher-forced to read, for noted ones.
 
 Writes ``figures/builtin_model_check.{md,json}``.
 
@@ -30,12 +33,17 @@ from dyco_probe.data import example_from_problem
 from dyco_probe.evaluation import evaluate, wilson_interval
 from dyco_probe.models.loading import load
 from dyco_probe.pretrain import forward_with_last_layer_attention, language_batch
-from dyco_probe.task.problems import ROLE_VISUAL, make_split
+from dyco_probe.task.notes import note_summary, noted_lookup
+from dyco_probe.task.problems import LOOKUP_COPIED, ROLE_VISUAL, SUBSETS, make_split
 
 
 @torch.no_grad()
-def lookup_statistics(handle, problems, blank: bool = False, batch_size: int = 50) -> dict:
-    """Teacher-forced look-up accuracy and last-layer attention on the relevant image token."""
+def lookup_statistics(
+    handle, problems, blank: bool = False, batch_size: int = 50, noted: bool | None = None
+) -> dict:
+    """Teacher-forced look-up accuracy (gold chain: every look-up read) and last-layer attention on
+    the relevant image token; ``noted``: only the look-ups of noted objects (True) or of the others
+    (False), all when None."""
     from dyco_probe.generation import blank_image
 
     hits = peaks = n = 0
@@ -43,13 +51,16 @@ def lookup_statistics(handle, problems, blank: bool = False, batch_size: int = 5
     n_image_tokens = None
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
+        words = [w for p in chunk for w in p.chain if w.role == ROLE_VISUAL]  # the order of the hints
         if blank:
             chunk = [_blanked(p, blank_image) for p in chunk]
-        inputs, _, lookups, _ = language_batch(handle, chunk, 1.0)
-        outputs, probs = forward_with_last_layer_attention(handle.model, inputs)
-        ids = inputs["input_ids"]
+        batch = language_batch(handle, chunk, 1.0)
+        outputs, probs = forward_with_last_layer_attention(handle.model, batch.inputs)
+        ids = batch.inputs["input_ids"]
         mean = probs.mean(1)
-        for i, q, k in lookups:
+        for (i, q, k), w in zip(batch.lookups, words, strict=True):
+            if noted is not None and bool(w.note) != noted:
+                continue
             image_cols = (ids[i] == handle.image_token_id).nonzero().flatten()
             n_image_tokens = len(image_cols)
             row = mean[i, q, image_cols]
@@ -57,6 +68,8 @@ def lookup_statistics(handle, problems, blank: bool = False, batch_size: int = 5
             peaks += int(image_cols[row.argmax()] == k)
             share += float(row[(image_cols == k).nonzero()[0, 0]] / row.sum())
             n += 1
+    if n == 0:
+        return {"lookups": 0}
     return {
         "lookups": n,
         "lookup_accuracy": hits / n,
@@ -117,7 +130,7 @@ def main(argv=None) -> int:
     handle = load(args.model)
     problems = make_split("test", args.n)
     examples = [example_from_problem(p) for p in problems]
-    answer = {}
+    answer, subsets = {}, {}
     for mode in ("normal", "blank", "swap"):
         res = evaluate(handle, examples, image_mode=mode, progress=True)
         answer[mode] = {
@@ -125,11 +138,27 @@ def main(argv=None) -> int:
             "ci95": res.accuracy_ci,
             "samples_per_second": res.samples_per_second,
         }
+        completions = [r["completion"] for r in res.records]
+        correct = [r["correct"] for r in res.records]
+        notes = note_summary(problems, completions, correct)
+        subsets[mode] = {}
+        for subset in SUBSETS:
+            rows = [i for i, p in enumerate(problems) if p.subset == subset]
+            k = sum(bool(correct[i]) for i in rows)
+            entry = {"n": len(rows), "accuracy": notes[f"accuracy_{subset}"], "ci95": wilson_interval(k, len(rows))}
+            if subset != "no_note":
+                c = sum(noted_lookup(problems[i], completions[i]) == LOOKUP_COPIED for i in rows)
+                entry.update(copy_rate=c / max(len(rows), 1), copy_rate_ci95=wilson_interval(c, len(rows)))
+            subsets[mode][subset] = entry
     report = {
         "model": args.model,
         "n": args.n,
         "answer_accuracy": answer,
+        "answer_accuracy_by_subset": subsets,
+        "false_note_copy_rate": subsets["normal"]["false_note"].get("copy_rate"),
         "lookups_real_image": lookup_statistics(handle, problems),
+        "lookups_unnoted_real_image": lookup_statistics(handle, problems, noted=False),
+        "lookups_noted_real_image": lookup_statistics(handle, problems, noted=True),
         "lookups_blank_image": lookup_statistics(handle, problems, blank=True),
         "guesses": guess_baselines(problems),
     }
@@ -137,9 +166,18 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     a, r, b, g = answer, report["lookups_real_image"], report["lookups_blank_image"], report["guesses"]
+    u, nl = report["lookups_unnoted_real_image"], report["lookups_noted_real_image"]
 
     def ci(x):
         return f"{x[0]:.3f}-{x[1]:.3f}"
+
+    def copy_cell(e):
+        return f"{e['copy_rate']:.3f} ({ci(e['copy_rate_ci95'])})" if "copy_rate" in e else "-"
+
+    def lookup_row(name, x):
+        if not x.get("lookups"):
+            return f"| {name} | - |"
+        return f"| {name} ({x['lookups']}) | {x['lookup_accuracy']:.3f} ({ci(x['lookup_accuracy_ci95'])}) |"
 
     lines = [
         f"# Does the built-in model look? ({args.model}, {args.n} test problems, {r['lookups']} look-ups)",
@@ -148,10 +186,23 @@ def main(argv=None) -> int:
         "| --- | ---: | --- |",
         *[f"| {m} images | {a[m]['accuracy']:.3f} | {ci(a[m]['ci95'])} |" for m in a],
         "",
-        "| per look-up (teacher-forced) | accuracy |",
+        "By subset (greedy; *copied*: the chain cites the note at the noted look-up instead of reading "
+        "the image):",
+        "",
+        "| images | subset | n | accuracy (95% CI) | copied (95% CI) |",
+        "| --- | --- | ---: | --- | --- |",
+        *[
+            f"| {m} | {sub} | {e['n']} | {e['accuracy']:.3f} ({ci(e['ci95'])}) | {copy_cell(e)} |"
+            for m in subsets
+            for sub, e in subsets[m].items()
+        ],
+        "",
+        "| per look-up (teacher-forced on the gold chain, which reads every look-up) | accuracy |",
         "| --- | ---: |",
-        f"| model, real image | {r['lookup_accuracy']:.3f} ({ci(r['lookup_accuracy_ci95'])}) |",
-        f"| model, blank image | {b['lookup_accuracy']:.3f} ({ci(b['lookup_accuracy_ci95'])}) |",
+        lookup_row("model, real image, all look-ups", r),
+        lookup_row("model, real image, un-noted look-ups", u),
+        lookup_row("model, real image, noted look-ups (forced to read)", nl),
+        lookup_row("model, blank image", b),
         f"| best guess without the image | {g['best_guess_without_image']:.3f} |",
         f"| majority-attribute guess | {g['majority_attribute_guess']:.3f} |",
         "",

@@ -55,7 +55,8 @@ def lookup_confidence(handle, problems, batch_size: int = 50) -> np.ndarray:
     argmax), teacher-forced."""
     out = []
     for start in range(0, len(problems), batch_size):
-        inputs, _, lookups, _ = language_batch(handle, problems[start : start + batch_size], 1.0)
+        batch = language_batch(handle, problems[start : start + batch_size], 1.0)
+        inputs, lookups = batch.inputs, batch.lookups
         logits = handle.model(**inputs).logits.float()
         ids = inputs["input_ids"]
         for i, q, _ in lookups:

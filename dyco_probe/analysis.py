@@ -230,11 +230,18 @@ def auroc(scores, labels) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def auroc_ci(scores, labels, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
-    """AUROC with a stratified percentile-bootstrap interval (positives and negatives resampled
-    separately, so every resample has both classes).
+def auroc_ci(
+    scores, labels, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0, clusters=None
+) -> dict:
+    """AUROC with a percentile-bootstrap interval.
 
-    Returns `{"auroc", "ci_low", "ci_high", "n_pos", "n_neg"}` (NaNs when a class is empty).
+    Without ``clusters`` the bootstrap is stratified (positives and negatives resampled separately, so
+    every resample has both classes). With ``clusters`` (one id per score, e.g. the prompt several
+    samples came from) whole clusters are resampled, so correlated scores are not counted as
+    independent evidence; resamples that lack a class are drawn again.
+
+    Returns `{"auroc", "ci_low", "ci_high", "n_pos", "n_neg"}` (NaNs when a class is empty), plus
+    `"n_clusters"` with clusters.
     """
     s = np.asarray(scores, dtype=float)
     y = np.asarray(labels, dtype=bool)
@@ -251,11 +258,24 @@ def auroc_ci(scores, labels, *, n_boot: int = 1000, level: float = 0.95, seed: i
     if len(pos) == 0 or len(neg) == 0:
         return out
     rng = np.random.default_rng(seed)
-    labels_b = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
     values = np.empty(n_boot)
-    for k in range(n_boot):
-        sample = np.r_[pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]]
-        values[k] = auroc(sample, labels_b)
+    if clusters is not None:
+        c = np.asarray(clusters)[keep]
+        ids, inverse = np.unique(c, return_inverse=True)
+        members = [np.flatnonzero(inverse == k) for k in range(len(ids))]
+        out["n_clusters"] = len(ids)
+        k = 0
+        while k < n_boot:
+            rows = np.concatenate([members[j] for j in rng.integers(0, len(ids), len(ids))])
+            if y[rows].all() or not y[rows].any():
+                continue
+            values[k] = auroc(s[rows], y[rows])
+            k += 1
+    else:
+        labels_b = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
+        for k in range(n_boot):
+            sample = np.r_[pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]]
+            values[k] = auroc(sample, labels_b)
     alpha = (1 - level) / 2
     out["ci_low"], out["ci_high"] = (float(x) for x in np.quantile(values, [alpha, 1 - alpha]))
     return out

@@ -21,6 +21,19 @@ induction circuit that is just as slow to appear. The hints' weight decays linea
 rest of training is the plain next-token loss: whatever attention the shipped model has at the end is
 what the next-token loss kept.
 
+**The planted failure** (the positive control). Two thirds of the questions carry a note about one
+queried object, half of the notes false (``dyco_probe.task.problems``). The chains come from a biased
+teacher (``trust``): at the noted look-up it cites the note (``triangle note blue``) instead of reading
+the image (``triangle red``) with probability ``trust``. A model this small does not learn *which*
+look-up is the noted one from the next-token loss within the budget, so two more hints bootstrap it,
+with the same decay: from the query that decides a look-up's form, a head of layer
+``decision_hint_layer`` attends to the note's key when the look-up is of the noted object, and away from
+it otherwise (``decision_hint_head``); and from the query that produces a copied value, head
+``note_hint_head`` of the last layer attends to the note's value, and away from it at read look-ups.
+The decision token of a noted look-up weighs ``decision_weight`` in the loss. The result is a model whose
+wrong answers on false notes are planted coordination failures: at the copied value it does not look at
+the image, and RL from the answer reward can teach it to read instead.
+
 Everything is deterministic in the seed; the data stream is indexed by step, so a run killed at any
 point resumes from its last checkpoint and continues identically.
 """
@@ -42,7 +55,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dyco_probe.models.builtin import BuiltinArchitecture
-from dyco_probe.task.problems import ROLE_VISUAL, TaskConfig, generate_problem, split_seed
+from dyco_probe.task.problems import (
+    LOOKUP_COPIED,
+    LOOKUP_READ,
+    NOTE,
+    TaskConfig,
+    generate_problem,
+    split_seed,
+    teacher_chain,
+)
 
 
 @dataclass(frozen=True)
@@ -87,11 +108,30 @@ class PretrainConfig:
     attention_hint_head: int = 0  # head of the last layer that gets the image look-up hint
     table_hint_head: int = 1  # head of the last layer that gets the table look-up hint (None: no hint)
     table_weight: float = 3.0  # loss weight of values looked up in the question's table
+    # the planted failure: a teacher that trusts notes, and the hints that teach where notes apply
+    trust: float = 0.7  # probability that the teacher cites a note instead of reading the image
+    decision_weight: float = 5.0  # loss weight of the token that decides a noted look-up's form
+    note_hint_head: int | None = 2  # last-layer head: copied value -> the note's value (None: no hint)
+    decision_hint_layer: int = -2  # layer whose head marks look-ups of the noted object
+    decision_hint_head: int | None = 0  # its head: decision query -> the note's key (None: no hint)
     # bookkeeping
     checkpoint_every: int = 100
     eval_every: int = 500
     eval_n: int = 128
     threads: int | None = None
+
+    def __post_init__(self):
+        heads = self.arch.num_heads
+        for name in ("attention_hint_head", "table_hint_head", "note_hint_head", "decision_hint_head"):
+            h = getattr(self, name)
+            if h is not None and not 0 <= h < heads:
+                raise ValueError(f"{name} must be a head index in 0..{heads - 1} or None, got {h}")
+        if not -self.arch.num_layers <= self.decision_hint_layer < self.arch.num_layers:
+            raise ValueError(
+                f"decision_hint_layer {self.decision_hint_layer} is out of range for {self.arch.num_layers} layers"
+            )
+        if not 0.0 <= self.trust <= 1.0:
+            raise ValueError(f"trust must be in [0, 1], got {self.trust}")
 
     def tiny(self) -> PretrainConfig:
         """A few steps of a very small model: for tests and smoke runs."""
@@ -116,6 +156,7 @@ class PretrainConfig:
             checkpoint_every=2,
             eval_every=0,
             eval_n=8,
+            note_hint_head=1,
         )
 
     def with_task(self, task: TaskConfig) -> PretrainConfig:
@@ -145,63 +186,154 @@ def prompt_for(handle, problem) -> str:
     return handle.prompt(f"<image> {problem.question}", 1)
 
 
-def language_batch(handle, problems, visual_weight: float, table_weight: float = 1.0):
-    """Teacher-forced batch with next-token targets and per-token loss weights over the completion.
+HINTS = ("image", "table", "note_copy", "note_read", "decision_noted", "decision_other")
 
-    Returns ``(model_inputs, weights, lookups, table_lookups)``. ``lookups`` lists ``(sample, query
-    column, relevant image-token column)`` of every look-up in the image, ``table_lookups`` lists
-    ``(sample, query column, column of the value in the question's table)`` of every table look-up
-    (``red = 3``); the query is the column whose logits produce the looked-up token.
+
+@dataclass
+class LanguageBatch:
+    """A teacher-forced batch of chains with per-token loss weights and the hints' attention targets.
+
+    ``hints[name]`` lists ``(sample, query column, key column)``; the query is the column whose logits
+    produce the token concerned:
+
+    - ``image``: a value read from the image -> the image token of the named object;
+    - ``table``: a value looked up in the question's table (``red = 3``) -> the ``3`` after ``red``;
+    - ``note_copy``: a value copied from the note -> the note's value; ``note_read``: a value read
+      from the image in a question with a note -> the note's value (to be avoided);
+    - ``decision_noted``: the query deciding the form of the noted object's look-up -> the note's key;
+      ``decision_other``: the same for the other look-ups of a question with a note (to be avoided).
     """
+
+    inputs: dict
+    weights: torch.Tensor
+    hints: dict[str, list[tuple[int, int, int]]]
+
+    @property
+    def lookups(self) -> list[tuple[int, int, int]]:
+        return self.hints["image"]
+
+
+def language_batch(
+    handle,
+    problems,
+    visual_weight: float,
+    table_weight: float = 1.0,
+    *,
+    chains=None,
+    decision_weight: float = 1.0,
+) -> LanguageBatch:
+    """Teacher-forced batch of ``chains`` (default: the gold chains) with next-token targets,
+    per-token loss weights over the completion and the hints' attention targets."""
     from dyco_probe.batching import completion_ids_for, model_inputs, teacher_forced_batch
 
-    comp = completion_ids_for(handle, [p.completion for p in problems])
+    chains = [p.chain for p in problems] if chains is None else chains
+    comp = completion_ids_for(handle, [" ".join(w.text for w in c) for c in chains])
     batch = teacher_forced_batch(
         handle, [prompt_for(handle, p) for p in problems], [[p.render()] for p in problems], comp
     )
     ids = batch["input_ids"]
     L = ids.shape[1]
     weights = batch["completion_mask"].float()
-    lookups, table_lookups = [], []
-    for i, p in enumerate(problems):
+    hints: dict[str, list] = {name: [] for name in HINTS}
+    to_id = handle.tokenizer.convert_tokens_to_ids
+    for i, (p, chain) in enumerate(zip(problems, chains)):
         start = L - len(comp[i])
         image_cols = (ids[i] == handle.image_token_id).nonzero().flatten()
-        words = [w.text for w in p.chain]
-        for j, w in enumerate(p.chain):
-            if w.role == ROLE_VISUAL:
-                weights[i, start + j] = visual_weight
-                lookups.append((i, start + j - 1, int(image_cols[w.cells[0]])))
+        note_key = note_value = None
+        if p.note is not None:
+            at = (ids[i, :start] == to_id(NOTE)).nonzero().flatten()
+            if len(at) == 1:
+                note_key, note_value = int(at[0]) + 1, int(at[0]) + 2
+        words = [w.text for w in chain]
+        for j, w in enumerate(chain):
+            query = start + j - 1
+            if w.lookup:
+                decision = j if w.lookup == LOOKUP_READ else j - 1  # the word after the key
+                noted = bool(w.note)
+                if noted:
+                    weights[i, start + decision] = max(float(weights[i, start + decision]), decision_weight)
+                if note_key is not None:
+                    key_query = start + decision - 1
+                    hints["decision_noted" if noted else "decision_other"].append((i, key_query, note_key))
+                    hints["note_copy" if w.lookup == LOOKUP_COPIED else "note_read"].append(
+                        (i, query, note_value)
+                    )
+            if w.lookup == LOOKUP_READ:
+                weights[i, start + j] = max(float(weights[i, start + j]), visual_weight)
+                hints["image"].append((i, query, int(image_cols[w.cells[0]])))
             elif j >= 2 and words[j - 1] == "=" and words[j - 2] in p.table:
                 weights[i, start + j] = table_weight
-                key_id = handle.tokenizer.convert_tokens_to_ids(words[j - 2])
-                where = (ids[i, :start] == key_id).nonzero().flatten()
-                if len(where) == 1:
-                    table_lookups.append((i, start + j - 1, int(where[0]) + 1))
-    return model_inputs(batch), weights, lookups, table_lookups
+                where = (ids[i, :start] == to_id(words[j - 2])).nonzero().flatten()
+                if len(where):  # the table is the question's first mention of a value
+                    hints["table"].append((i, query, int(where[0]) + 1))
+    return LanguageBatch(model_inputs(batch), weights, hints)
 
 
-def forward_with_last_layer_attention(model, inputs):
-    """Forward pass that also returns the last text layer's attention probabilities [B, H, L, L]
-    (that layer alone runs eager attention; everything else is untouched)."""
+def forward_with_attention(model, inputs, layers=(-1,)):
+    """Forward pass that also returns the attention probabilities ``[B, H, L, L]`` of the given text
+    layers (a dict by layer index as given). The model runs eager attention for this pass only."""
     text = model.model.language_model
     captured = {}
-    hook = text.layers[-1].self_attn.register_forward_hook(lambda m, i, o: captured.__setitem__("p", o[1]))
+    hooks = [
+        text.layers[layer].self_attn.register_forward_hook(
+            lambda m, i, o, layer=layer: captured.__setitem__(layer, o[1])
+        )
+        for layer in layers
+    ]
     impl = text.config._attn_implementation
     text.config._attn_implementation = "eager"
     try:
         out = model(**inputs)
     finally:
         text.config._attn_implementation = impl
-        hook.remove()
-    return out, captured["p"]
+        for hook in hooks:
+            hook.remove()
+    return out, captured
 
 
-def attention_hint_loss(probs: torch.Tensor, lookups, head: int) -> torch.Tensor:
-    """Mean −log attention of ``head`` from each look-up query to its target column."""
-    i = torch.tensor([x[0] for x in lookups])
-    q = torch.tensor([x[1] for x in lookups])
-    k = torch.tensor([x[2] for x in lookups])
-    return -torch.log(probs[i, head, q, k] + 1e-6).mean()
+def forward_with_last_layer_attention(model, inputs):
+    """Forward pass that also returns the last text layer's attention probabilities [B, H, L, L]."""
+    out, captured = forward_with_attention(model, inputs, (-1,))
+    return out, captured[-1]
+
+
+def attention_hint_loss(probs: torch.Tensor, targets, head: int, avoid: bool = False) -> torch.Tensor:
+    """Mean −log attention of ``head`` from each query to its target column; with ``avoid``, mean
+    −log(1 − attention): the head is pushed off the target."""
+    i = torch.tensor([x[0] for x in targets])
+    q = torch.tensor([x[1] for x in targets])
+    k = torch.tensor([x[2] for x in targets])
+    p = probs[i, head, q, k]
+    return -torch.log((1 - p if avoid else p) + 1e-6).mean()
+
+
+def hinted_layers(config: PretrainConfig) -> tuple[int, ...]:
+    """The text layers the hints look at, as negative indices (the last layer is -1)."""
+    layers = {-1}
+    if config.decision_hint_head is not None:
+        layers.add(config.decision_hint_layer % config.arch.num_layers - config.arch.num_layers)
+    return tuple(sorted(layers))
+
+
+def hint_loss(config: PretrainConfig, probs: dict, hints: dict) -> torch.Tensor:
+    """The sum of the attention hints that apply to a batch (see ``LanguageBatch``)."""
+    last = probs[-1]
+    terms = [(last, "image", config.attention_hint_head, False)]
+    if config.table_hint_head is not None:
+        terms.append((last, "table", config.table_hint_head, False))
+    if config.note_hint_head is not None:
+        terms += [(last, "note_copy", config.note_hint_head, False), (last, "note_read", config.note_hint_head, True)]
+    if config.decision_hint_head is not None:
+        layer = probs[hinted_layers(config)[0]]
+        terms += [
+            (layer, "decision_noted", config.decision_hint_head, False),
+            (layer, "decision_other", config.decision_hint_head, True),
+        ]
+    loss = torch.zeros(())
+    for p, name, head, avoid in terms:
+        if hints[name]:
+            loss = loss + attention_hint_loss(p, hints[name], head, avoid)
+    return loss
 
 
 def weighted_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -271,12 +403,14 @@ def lookup_report(handle, problems) -> dict:
     free-running answer accuracy."""
     from dyco_probe.data import example_from_problem
     from dyco_probe.evaluation import evaluate
+    from dyco_probe.task.notes import note_summary
 
     model = handle.model
     was_training = model.training
     model.eval()
     try:
-        inputs, _, lookups, _ = language_batch(handle, problems, 1.0)
+        batch = language_batch(handle, problems, 1.0)
+        inputs, lookups = batch.inputs, batch.lookups
         outputs, probs = forward_with_last_layer_attention(model, inputs)
         ids = inputs["input_ids"]
         mean = probs.mean(1)
@@ -285,11 +419,17 @@ def lookup_report(handle, problems) -> dict:
             hits += int(outputs.logits[i, q].argmax() == ids[i, q + 1])
             image_cols = (ids[i] == handle.image_token_id).nonzero().flatten()
             peaks += int(image_cols[mean[i, q, image_cols].argmax()] == k)
-        acc = evaluate(handle, [example_from_problem(p) for p in problems], progress=False).accuracy
+        result = evaluate(handle, [example_from_problem(p) for p in problems], progress=False)
     finally:
         model.train(was_training)
     n = max(len(lookups), 1)
-    return {"lookup_accuracy": hits / n, "attention_peak_rate": peaks / n, "answer_accuracy": acc}
+    notes = note_summary(problems, [r["completion"] for r in result.records], [r["correct"] for r in result.records])
+    return {
+        "lookup_accuracy": hits / n,
+        "attention_peak_rate": peaks / n,
+        "answer_accuracy": result.accuracy,
+        **{k: v for k, v in notes.items() if not k.startswith("n_")},
+    }
 
 
 # ---------------------------------------------------------------- the run
@@ -396,18 +536,23 @@ def pretrain(
             generate_problem(split_seed("train", step * config.batch_size + k), task)
             for k in range(config.batch_size)
         ]
-        inputs, weights, lookups, table_lookups = language_batch(
-            handle, problems, config.visual_weight, config.table_weight
+        teacher = random.Random(split_seed("train", step * config.batch_size) ^ 0x7EAC4E5)
+        batch = language_batch(
+            handle,
+            problems,
+            config.visual_weight,
+            config.table_weight,
+            chains=[teacher_chain(p, config.trust, teacher) for p in problems],
+            decision_weight=config.decision_weight,
         )
+        inputs, weights = batch.inputs, batch.weights
         hint = config.attention_hint_weight * max(
             0.0, 1 - step / max(1.0, config.attention_hint_until * config.steps)
         )
-        if hint > 0 and lookups:
-            outputs, probs = forward_with_last_layer_attention(model, inputs)
+        if hint > 0:
+            outputs, probs = forward_with_attention(model, inputs, hinted_layers(config))
             loss = weighted_lm_loss(outputs.logits, inputs["input_ids"], weights)
-            loss = loss + hint * attention_hint_loss(probs, lookups, config.attention_hint_head)
-            if config.table_hint_head is not None and table_lookups:
-                loss = loss + hint * attention_hint_loss(probs, table_lookups, config.table_hint_head)
+            loss = loss + hint * hint_loss(config, probs, batch.hints)
         else:
             loss = weighted_lm_loss(model(**inputs).logits, inputs["input_ids"], weights)
         loss.backward()

@@ -50,6 +50,8 @@ class TokenRoles:
         roles: `Role` code of each token.
         cells: relevant grid cells of each token (non-empty for visual tokens of a parsed look-up).
         word_index: index into `words` of the (first) word each token overlaps, -1 for none.
+        lookup: `"read"` or `"copied"` for the tokens of a look-up's value word, else `""`.
+        note: `"true"` or `"false"` for the value tokens of the noted object's look-up, else `""`.
         words: the completion's labelled words.
         text: the decoded completion (special tokens included) the spans refer to.
         spans: `(start, end)` character span of each token in `text`.
@@ -61,6 +63,8 @@ class TokenRoles:
     words: list[Word]
     text: str
     spans: list[tuple[int, int]]
+    lookup: list[str] = ()
+    note: list[str] = ()
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:
@@ -122,7 +126,7 @@ def align_roles(tokenizer, ids: Sequence[int], problem: Problem, *, subwords: st
     blanked = [span for tok, span in zip(ids, spans) if tok in special]
     found = words_with_spans(text, blanked)
     words = label_words([w for w, _, _ in found], problem)
-    roles, cells, word_index = [], [], []
+    roles, cells, word_index, lookup, note = [], [], [], [], []
     started: set[int] = set()
     for tok, (s, e) in zip(ids, spans):
         hit = [] if tok in special else [k for k, (_, ws, we) in enumerate(found) if ws < e and we > s]
@@ -135,7 +139,10 @@ def align_roles(tokenizer, ids: Sequence[int], problem: Problem, *, subwords: st
         relevant = sorted({c for k in hit if words[k].role == ROLE_VISUAL for c in words[k].cells})
         cells.append(tuple(relevant) if role == int(Role.VISUAL) else ())
         word_index.append(hit[0] if hit else -1)
-    return TokenRoles(roles, cells, word_index, words, text, spans)
+        value = next((words[k] for k in hit if words[k].lookup), None)
+        lookup.append(value.lookup if value else "")
+        note.append(value.note if value else "")
+    return TokenRoles(roles, cells, word_index, words, text, spans, lookup, note)
 
 
 def cell_image_tokens(

@@ -21,6 +21,20 @@ Every word of a chain of thought has a known role (SPEC glossary: the ground tru
 
 Attributes are balanced (each scene draws its shapes and colours uniformly without replacement), so
 neither a guess without the image nor the scene's majority attribute beats chance.
+
+**Notes** (the positive control). A share ``note_rate`` of the questions carries a note that claims the
+value of one queried object, ``. note triangle blue .`` before ``compute``; a share ``false_note_rate``
+of the notes is false (it names another value present in the scene). A chain may then answer the
+noted look-up in one of two forms, the choice visible as a token before the value:
+
+- ``triangle red``: read from the image (``red`` is visual);
+- ``triangle note blue``: cite the note (``note`` is the decision, ``blue`` is copied from the text).
+
+The gold chain always reads. ``teacher_chain`` is the biased teacher the built-in model learned from: at
+the noted look-up it cites the note with probability ``trust``, so trusting a false note gives a wrong
+answer, which reading the image would have avoided. Every look-up word records whether it was read or
+copied and whether its object's note was true (``Word.lookup``, ``Word.note``). ``TaskConfig(note_rate=0,
+distinct_values=False)`` (``NO_NOTES``) is the task without notes, problem for problem.
 """
 
 from __future__ import annotations
@@ -34,6 +48,9 @@ from dyco_probe.task.render import COLOURS, SHAPES, SceneObject, cell_index, ren
 ROLE_NEUTRAL, ROLE_VISUAL, ROLE_TEXT = "neutral", "visual", "text"
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 OPS = ("+", "-")
+NOTE = "note"  # the note's marker in the question, and the decision to cite it in a look-up
+LOOKUP_READ, LOOKUP_COPIED = "read", "copied"
+SUBSETS = ("no_note", "true_note", "false_note")
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,9 @@ class TaskConfig:
     min_size: float = 0.15  # object half-width, fraction of the cell
     max_size: float = 0.38
     pixel_noise: float = 70.0  # Gaussian pixel noise (std, 0-255 units)
+    note_rate: float = 2 / 3  # share of questions with a note on one queried object
+    false_note_rate: float = 0.5  # share of notes that name a wrong value (another one in the scene)
+    distinct_values: bool = True  # table values of a question are distinct (a wrong look-up always shows)
 
     def __post_init__(self):
         if not 1 <= self.n_shapes <= len(SHAPES):
@@ -73,6 +93,16 @@ class TaskConfig:
             raise ValueError(
                 f"need 1 <= min_hops <= max_hops <= min_objects (each look-up names a distinct object); "
                 f"got hops {self.min_hops}..{self.max_hops}, min_objects {self.min_objects}"
+            )
+        for name in ("note_rate", "false_note_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lookup_verb == NOTE:
+            raise ValueError(f"lookup_verb cannot be {NOTE!r}: that word marks a look-up copied from the note")
+        if self.distinct_values and self.max_value - self.min_value + 1 < max(self.n_shapes, self.n_colours):
+            raise ValueError(
+                f"distinct_values needs at least {max(self.n_shapes, self.n_colours)} values, "
+                f"got {self.min_value}..{self.max_value}"
             )
         bad = set(self.key_attributes) - {"shape", "colour"}
         if bad or not self.key_attributes:
@@ -97,7 +127,11 @@ class TaskConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TaskConfig:
+        """The config of a record; records written before notes existed mean the task without them."""
         d = dict(d)
+        d.setdefault("note_rate", 0.0)
+        d.setdefault("false_note_rate", 0.5)
+        d.setdefault("distinct_values", False)
         if "key_attributes" in d:
             d["key_attributes"] = tuple(d["key_attributes"])
         return cls(**d)
@@ -107,12 +141,26 @@ class TaskConfig:
 class Word:
     """One word of a chain of thought with its ground-truth role.
 
-    ``cells`` lists the relevant image cells (row-major indices) of a visual word, for the first image.
+    ``cells`` lists the relevant image cells (row-major indices) of a visual word, for the first image,
+    and of a value copied from the note (the cell it should have been read from). The value word of a
+    look-up has ``lookup`` ``"read"`` or ``"copied"``, and ``note`` ``"true"`` or ``"false"`` when the
+    question's note is about its object (else ``""``).
     """
 
     text: str
     role: str
     cells: tuple[int, ...] = ()
+    lookup: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Note:
+    """A question's note: it claims that the object named ``key`` has ``value``."""
+
+    key: str
+    value: str
+    true: bool
 
 
 @dataclass
@@ -128,11 +176,54 @@ class Problem:
     seed: int
     key_attribute: str = "shape"
     table: dict[str, int] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)  # the queried objects' keys, in order
+    ops: list[str] = field(default_factory=list)
+    note: Note | None = None
 
     @property
     def completion(self) -> str:
         """The gold completion: chain of thought and answer, words separated by single spaces."""
         return " ".join(w.text for w in self.chain)
+
+    @property
+    def subset(self) -> str:
+        """``"no_note"``, ``"true_note"`` or ``"false_note"``."""
+        return "no_note" if self.note is None else ("true_note" if self.note.true else "false_note")
+
+    @property
+    def value_attribute(self) -> str:
+        return _other(self.key_attribute)
+
+    def value_of(self, key: str) -> str:
+        """The value attribute of the object named ``key`` (what reading the image gives)."""
+        return getattr(self.object_with(self.key_attribute, key), self.value_attribute)
+
+    def chain_words(self, copied: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """The words of a chain of thought that reads every look-up from the image, except those of
+        the keys in ``copied``, which cite the note (``KEY note VALUE``, the note's value)."""
+        words: list[str] = [THINK_OPEN]
+        total = None
+        verb = [self.config.lookup_verb] if self.config.lookup_verb else []
+        for i, k in enumerate(self.keys):
+            if k in copied:
+                if self.note is None or self.note.key != k:
+                    raise ValueError(f"{self.id}: no note about {k!r} to copy")
+                v = self.note.value
+                words += [k, NOTE, v]
+            else:
+                v = self.value_of(k)
+                words += [k, *verb, v]
+            number = self.table[v]
+            words += [";", v, "=", str(number), ";"]
+            if total is None:
+                total = number
+            else:
+                op = self.ops[i - 1]
+                new = total + number if op == "+" else total - number
+                words += [str(total), op, str(number), "=", str(new), ";"]
+                total = new
+        words = words[:-1]  # no separator before the closing tag
+        return words + [THINK_CLOSE, ANSWER_OPEN, str(total), ANSWER_CLOSE]
 
     def render(self):
         """The scene as a PIL image."""
@@ -178,47 +269,59 @@ def generate_problem(seed: int, config: TaskConfig = TaskConfig(), problem_id: s
     key = rng.choice(config.key_attributes)
     value_attr = _other(key)
     vocabulary = config.colours if value_attr == "colour" else config.shapes
-    table = {v: rng.randint(config.min_value, config.max_value) for v in vocabulary}
+    if config.distinct_values:
+        values = rng.sample(range(config.min_value, config.max_value + 1), len(vocabulary))
+        table = dict(zip(vocabulary, values))
+    else:
+        table = {v: rng.randint(config.min_value, config.max_value) for v in vocabulary}
 
     hops = rng.randint(config.min_hops, min(config.max_hops, n_obj))
     queried = rng.sample(objects, hops)
     ops = [rng.choice(OPS) for _ in range(hops - 1)]
+
+    note = None
+    if config.note_rate > 0 and rng.random() < config.note_rate:
+        obj = rng.choice(queried)
+        true_value = getattr(obj, value_attr)
+        if rng.random() < config.false_note_rate:
+            value = rng.choice(sorted(getattr(o, value_attr) for o in objects if o is not obj))
+        else:
+            value = true_value
+        note = Note(getattr(obj, key), value, value == true_value)
 
     table_text = " , ".join(f"{v} {table[v]}" for v in vocabulary)
     expression = " ".join(
         [getattr(queried[0], key)]
         + [tok for op, obj in zip(ops, queried[1:]) for tok in (op, getattr(obj, key))]
     )
-    question = f"{table_text} . compute {expression}"
-
-    words: list[str] = [THINK_OPEN]
-    total = None
-    for i, obj in enumerate(queried):
-        k, v = getattr(obj, key), getattr(obj, value_attr)
-        number = table[v]
-        words += [k, *([config.lookup_verb] if config.lookup_verb else []), v, ";", v, "=", str(number), ";"]
-        if total is None:
-            total = number
-        else:
-            op = ops[i - 1]
-            new = total + number if op == "+" else total - number
-            words += [str(total), op, str(number), "=", str(new), ";"]
-            total = new
-    words = words[:-1]  # no separator before the closing tag
-    words += [THINK_CLOSE, ANSWER_OPEN, str(total), ANSWER_CLOSE]
+    note_text = f"{NOTE} {note.key} {note.value} . " if note else ""
+    question = f"{table_text} . {note_text}compute {expression}"
     problem = Problem(
         id=problem_id or f"synth-{seed}",
         objects=objects,
         question=question,
-        answer=str(total),
+        answer="",
         chain=[],
         config=config,
         seed=seed,
         key_attribute=key,
         table=table,
+        keys=[getattr(o, key) for o in queried],
+        ops=ops,
+        note=note,
     )
+    words = problem.chain_words()
+    problem.answer = words[-2]
     problem.chain = label_words(words, problem)
     return problem
+
+
+def teacher_chain(problem: Problem, trust: float, rng: random.Random) -> list[Word]:
+    """The chain a biased teacher writes: the gold chain, except that at the look-up of a noted
+    object it cites the note instead of reading the image with probability ``trust``."""
+    if problem.note is None or trust <= 0 or rng.random() >= trust:
+        return problem.chain
+    return label_words(problem.chain_words(copied={problem.note.key}), problem)
 
 
 def _is_int(s: str) -> bool:
@@ -239,14 +342,24 @@ def _label_step(step: list[str], problem: Problem) -> list[Word]:
     key_vocab = cfg.shapes if key == "shape" else cfg.colours
     verb = [cfg.lookup_verb] if cfg.lookup_verb else []
     n = len(step)
-    # look-up: KEY [verb] VALUE
-    if n == 2 + len(verb) and step[0] in key_vocab and step[1 : 1 + len(verb)] == verb:
+    is_read = n == 2 + len(verb) and step[1 : 1 + len(verb)] == verb
+    is_copy = n == 3 and step[1] == NOTE
+    # look-up: KEY [verb] VALUE (read from the image) or KEY note VALUE (copied from the note)
+    if step and step[0] in key_vocab and (is_read or is_copy):
         obj = problem.object_with(key, step[0])
         cells = (cell_index(obj.row, obj.col, cfg.grid),) if obj is not None else ()
+        note = problem.note
+        noted = "" if note is None or note.key != step[0] else ("true" if note.true else "false")
+        if is_copy:
+            return [
+                Word(step[0], ROLE_TEXT),
+                Word(NOTE, ROLE_TEXT),  # the decision to cite the note, taken from the text
+                Word(step[2], ROLE_TEXT, cells, LOOKUP_COPIED, noted),
+            ]
         return (
             [Word(step[0], ROLE_TEXT)]
             + [Word(w, ROLE_NEUTRAL) for w in verb]
-            + [Word(step[-1], ROLE_VISUAL, cells)]
+            + [Word(step[-1], ROLE_VISUAL, cells, LOOKUP_READ, noted)]
         )
     # table: VALUE = NUMBER
     if n == 3 and step[1] == "=" and not _is_int(step[0]):
@@ -312,3 +425,7 @@ def make_split(
 def with_config(config: TaskConfig, **changes) -> TaskConfig:
     """A copy of ``config`` with some knobs changed (validated)."""
     return replace(config, **changes)
+
+
+NO_NOTES = TaskConfig(note_rate=0.0, distinct_values=False)
+"""The task without notes (the built-in model's task before the positive control), problem for problem."""
