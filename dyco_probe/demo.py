@@ -4,20 +4,29 @@
     python -m dyco_probe.demo --fresh               # start over
     python -m dyco_probe.demo --model /path/ckpt    # another checkpoint (synthetic task)
 
+The built-in model carries a planted failure (the positive control): questions may hold a note about
+one object, and the model sometimes copies the note's value instead of reading the image, so a false
+note gives a wrong answer. The demo shows the failure, which signals see it, and its repair by RL.
+
 Stages, each printing what it does, the command-line equivalent, its findings and its time:
 
 1. **trace**: greedy completions of the synthetic test split, traced online (last layer, all heads,
-   with each token's attention over the image); accuracy, and under blank and swapped images;
+   with each token's attention over the image); accuracy overall and by subset (no note, true note,
+   false note), how often false notes are copied, and accuracy under blank and swapped images;
 2. **roles**: the paper's Fisher–Rao rule and a ratio baseline against the task's ground-truth roles,
    then the full labeller validation (`analyses/validate_labellers.py`: every distance, layer and
    head, a threshold sweep);
 3. **tokens**: token-level analysis of correct vs incorrect trajectories (role fractions, `s_t`,
    switch rate, AUROC of the sample score);
-4. **interventions**: the headline experiment: knock out image attention of visual-role tokens and
+4. **control**: sampled completions of noted problems; for each per-token signal (Fisher–Rao role,
+   `s_t`, the image-attention ratio, attention on the named cell and on the note), how well it tells a
+   look-up copied from the note from one read from the image (`analyses/positive_control.py`);
+5. **interventions**: the headline experiment: knock out image attention of visual-role tokens and
    text-history attention of text-role tokens, against matched random tokens
    (`analyses/interventions_headline.py`);
-5. **rl**: a short GRPO run with DyCo off and with token-level DyCo, same seed and data;
-6. **report**: one self-contained HTML page of it all (`dyco-probe report`).
+6. **rl**: GRPO with DyCo off and with token-level DyCo, same seed and data: does RL repair the
+   failure (false-note accuracy up, copies down, no-note accuracy kept)?
+7. **report**: one self-contained HTML page of it all (`dyco-probe report`).
 
 Everything lands in the run directory (layout: ``dyco_probe.report``); ``run.json`` records the
 settings and each stage's time. A rerun skips finished stages and resumes interrupted ones.
@@ -35,7 +44,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("trace", "roles", "tokens", "interventions", "rl", "report")
+STAGES = ("trace", "roles", "tokens", "control", "interventions", "rl", "report")
 
 # The defaults are sized for the built-in model on a 2-core CPU (about 10 minutes in all at most);
 # --quick shrinks everything to check the pipeline in seconds.
@@ -44,9 +53,11 @@ DEFAULTS = dict(
     max_new_tokens=96,
     batch_size=32,
     n_interventions=32,
-    rl_steps=40,
-    rl_eval=100,
-    rl_prompts=4,
+    n_control=40,
+    control_samples=8,
+    rl_steps=60,
+    rl_eval=150,
+    rl_prompts=8,
     rl_generations=8,
     rl_max_new_tokens=72,
     n_boot=1000,
@@ -57,6 +68,8 @@ QUICK = dict(
     max_new_tokens=24,
     batch_size=4,
     n_interventions=4,
+    n_control=4,
+    control_samples=2,
     rl_steps=2,
     rl_eval=4,
     rl_prompts=2,
@@ -183,6 +196,7 @@ class Demo:
         lines = [
             f"accuracy {s['accuracy']:.3f} on {s['samples']} problems (format {s['format_rate']:.3f}); with blank "
             f"images {controls['blank']:.3f}, with another problem's image {controls['swap']:.3f}",
+            *self._subset_lines([ex.problem for ex in examples], result.records),
             f"{s['tokens']} completion tokens; roles (SPEC §4, Fisher–Rao): visual {roles['visual']:.3f}, "
             f"text {roles['text']:.3f}, neutral {roles['neutral']:.3f}",
         ]
@@ -197,6 +211,49 @@ class Demo:
                 f"  gold:  {ex.completion}",
             ]
         return lines + [f"-> {self.run.trace}"]
+
+    def _subset_lines(self, problems, records) -> list[str]:
+        """Accuracy by subset and the false-note copy rate (tasks with notes only)."""
+        from dyco_probe.task.notes import note_summary
+
+        if not any(p is not None and p.note is not None for p in problems):
+            return []
+        n = note_summary(problems, [r["completion"] for r in records], [r["correct"] for r in records])
+        self.record["subsets"] = n
+        return [
+            f"by subset: no note {_f(n['accuracy_no_note'])} (n={n['n_no_note']}), true note "
+            f"{_f(n['accuracy_true_note'])} (n={n['n_true_note']}), false note {_f(n['accuracy_false_note'])} "
+            f"(n={n['n_false_note']})",
+            f"the planted failure: {_f(n['copy_rate_false_note'])} of false notes are copied instead of "
+            f"reading the image (true notes: {_f(n['copy_rate_true_note'])})",
+        ]
+
+    def control(self) -> list[str]:
+        from dyco_probe.positive_control import copy_vs_read, detection, verdict
+        from dyco_probe.task.problems import make_split
+
+        a = self.args
+        pool = make_split("test", 4 * a.n_control)
+        noted = [p for p in pool if p.note is not None][: a.n_control]
+        if not noted:
+            return ["no noted problems in this task: nothing planted to detect"]
+        table, _ = copy_vs_read(
+            self.handle, noted, a.control_samples, seed=a.seed, batch_size=a.batch_size, progress=not a.quiet
+        )
+        table.to_csv(self.run.root / "control_lookups.csv", index=False)
+        det = detection(table, n_boot=a.n_boot)
+        (self.run.root / "control.json").write_text(json.dumps(det, indent=2, default=float) + "\n")
+        n = table[table["note"] != ""]
+        lines = [
+            f"{len(noted)} noted problems x {a.control_samples} samples: {int((n['lookup'] == 'read').sum())} "
+            f"noted look-ups read from the image, {int((n['lookup'] == 'copied').sum())} copied from the note",
+            "AUROC for telling read from copied (0.5: blind), 95% CI over prompts:",
+        ]
+        for d in det.values():
+            lines.append(
+                f"  {d['description']}: {_f(d['auroc'])} [{_f(d['ci_low'])}, {_f(d['ci_high'])}] -> {verdict(d)}"
+            )
+        return lines + [f"-> {self.run.root}/control.json, control_lookups.csv"]
 
     def roles(self) -> list[str]:
         from dyco_probe.report import role_agreement
@@ -323,8 +380,21 @@ class Demo:
                 f"(95% CI {last['accuracy_ci_low']:.3f}-{last['accuracy_ci_high']:.3f}, n={last['n']}) "
                 f"in {time.perf_counter() - t0:.0f} s"
             )
+            if "accuracy_false_note" in last:
+                lines.append(
+                    "             "
+                    + ", ".join(
+                        f"{k.removeprefix('accuracy_').replace('_', ' ')} {first[k]:.3f} -> {last[k]:.3f}"
+                        for k in (
+                            "accuracy_no_note",
+                            "accuracy_true_note",
+                            "accuracy_false_note",
+                            "copy_rate",
+                        )
+                    )
+                )
         return lines + [
-            "(a short run on one seed: a smoke test of the loop, not evidence; analyses/rl_comparison.py runs the comparison)",
+            "(one seed and a short run: an illustration; analyses/rl_comparison.py runs the comparison over seeds)",
             f"-> {self.run.rl}/grpo-off, grpo-token",
         ]
 
@@ -441,6 +511,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.stage(
         4,
+        "control",
+        f"the planted failure: copied vs read look-ups on {args.n_control} noted problems x "
+        f"{args.control_samples} samples",
+        demo.control,
+        f"python -m analyses.positive_control --n-noted {args.n_control} --samples {args.control_samples}",
+    )
+    demo.stage(
+        5,
         "interventions",
         f"knock out image / text-history attention by token role on {args.n_interventions} problems",
         demo.interventions,
@@ -448,13 +526,13 @@ def main(argv: list[str] | None = None) -> int:
         f"--figures {demo.run.interventions}",
     )
     demo.stage(
-        5,
+        6,
         "rl",
         f"GRPO for {args.rl_steps} steps with DyCo off and with token-level DyCo",
         demo.rl,
         f"dyco-probe train --dyco token --steps {args.rl_steps} --out {demo.run.rl}/grpo-token",
     )
-    demo.stage(6, "report", "write the HTML report", demo.report, f"dyco-probe report --run {demo.run.root}")
+    demo.stage(7, "report", "write the HTML report", demo.report, f"dyco-probe report --run {demo.run.root}")
     total = time.perf_counter() - demo.t_start
     demo.record["last_wall_seconds"] = round(total, 1)
     demo.save()

@@ -138,7 +138,7 @@ class RLConfig:
     device: str | None = None
     dtype: str | None = None
     seed: int = 0
-    steps: int = 200
+    steps: int = 150
     resume: bool = False
     threads: int | None = None
     # data
@@ -151,7 +151,7 @@ class RLConfig:
     eval_max_new_tokens: int = 96
     eval_batch_size: int = 64
     # sampling
-    prompts_per_step: int = 4
+    prompts_per_step: int = 8
     num_generations: int = 8
     max_new_tokens: int = 72
     temperature: float = 1.0
@@ -179,10 +179,10 @@ class RLConfig:
     sapo_tau_neg: float = 1.05
     num_iterations: int = 1
     grad_accum: int = 1
-    lr: float = 5e-5
+    lr: float = 3e-5
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     max_grad_norm: float = 1.0
     freeze_vision: bool = True
     dynamic_sampling: bool = False
@@ -744,7 +744,7 @@ def _evaluate(handle, examples, config: RLConfig, step: int) -> dict:
         progress=False,
     )
     lo, hi = res.accuracy_ci
-    return {
+    record = {
         "kind": "eval",
         "step": step,
         "accuracy": res.accuracy,
@@ -754,6 +754,14 @@ def _evaluate(handle, examples, config: RLConfig, step: int) -> dict:
         "n": res.n,
         "time_eval": time.perf_counter() - t0,
     }
+    problems = [getattr(ex, "problem", None) for ex in examples]
+    if all(p is not None for p in problems) and any(p.note is not None for p in problems):
+        from dyco_probe.task.notes import note_summary
+
+        record.update(
+            note_summary(problems, [r["completion"] for r in res.records], [r["correct"] for r in res.records])
+        )
+    return record
 
 
 def _sample_batch(handle, config: RLConfig, examples: Sequence, position: int, reward_funcs):

@@ -83,9 +83,11 @@ def test_lookup_words_record_form_and_note():
 
 
 def test_note_summary_counts_subsets_and_copies():
-    problems = noted(10, false=True) + noted(10, false=False) + [
-        p for p in make_split("test", 40) if p.note is None
-    ][:5]
+    problems = (
+        noted(10, false=True)
+        + noted(10, false=False)
+        + [p for p in make_split("test", 40) if p.note is None][:5]
+    )
     completions = [" ".join(p.chain_words(copied={p.note.key})) if p.note else p.completion for p in problems]
     correct = [p.note is None or p.note.true for p in problems]
     s = note_summary(problems, completions, correct)

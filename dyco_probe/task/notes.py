@@ -81,7 +81,9 @@ def lookup_tokens(trace, problems: Sequence[Problem], tokenizer, *, scorer=None,
     from dyco_probe.scoring import ScorerConfig, score_tokens
     from dyco_probe.task.alignment import cell_image_tokens
 
-    scored = score_tokens(trace.r_vis, trace.r_txt, trace.v_vis, trace.v_txt, trace.mask, scorer or ScorerConfig())
+    scored = score_tokens(
+        trace.r_vis, trace.r_txt, trace.v_vis, trace.v_txt, trace.mask, scorer or ScorerConfig()
+    )
     aligned = ground_truth_alignments(trace, [_AsExample(p) for p in problems], tokenizer=tokenizer)
     rows = []
     for i, (p, a) in enumerate(zip(problems, aligned)):
