@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..spans import image_token_id_of
+from ..spans import image_positions, image_token_id_of
 from ..tracing.attention import _text_decoder, attention_hooks
 from .attention import _forward_inputs
 
@@ -78,6 +78,7 @@ class _ImageColumns:
     """Tracks the image columns of the forward that starts each sequence (a model forward pre-hook)."""
 
     def __init__(self, model, image_token_id: int | None):
+        self.model = model
         self.image_id = image_token_id_of(model) if image_token_id is None else int(image_token_id)
         self.mask: Tensor | None = None
         self.prefill = False
@@ -87,7 +88,8 @@ class _ImageColumns:
         self.prefill = input_ids is not None and past == 0
         if self.prefill:
             valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
-            self.mask = (input_ids == self.image_id) & valid.bool()
+            image = image_positions(self.model, {**kwargs, "input_ids": input_ids}, self.image_id)
+            self.mask = image & valid.bool()
 
 
 @torch.no_grad()

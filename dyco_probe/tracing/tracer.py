@@ -428,9 +428,10 @@ def trace_offline(
     }
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     inputs["attention_mask"] = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
-    if inputs.get("mm_token_type_ids") is not None:
-        mm = inputs["mm_token_type_ids"]
-        inputs["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(completion_ids, dtype=mm.dtype)], dim=1)
+    for key in ("mm_token_type_ids", "token_type_ids"):  # per-column: completion columns are text
+        if inputs.get(key) is not None:
+            mm = inputs[key]
+            inputs[key] = torch.cat([mm, torch.zeros_like(completion_ids, dtype=mm.dtype)], dim=1)
     position_ids = _generation_position_ids(model, input_ids, inputs)
     if position_ids is not None:
         inputs["position_ids"] = position_ids
