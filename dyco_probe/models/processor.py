@@ -50,6 +50,11 @@ def _image_only(base: type, name: str, doc: str) -> type:
             **kwargs,
         )
 
+    # the base's signature (less the video processor): `save_pretrained` keeps the attributes it names
+    import inspect
+
+    sig = inspect.signature(base.__init__)
+    __init__.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "video_processor"])
     return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
