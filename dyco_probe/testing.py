@@ -371,12 +371,12 @@ def save_tiny_checkpoint(family: str, path, seed: int = 0):
 
     ``family`` is ``"qwen2_5_vl"``, ``"qwen2_vl"``, ``"llava"`` or one of the newer families of
     ``dyco_probe.testing_families.FAMILIES`` (``"qwen3_vl"``, ``"gemma3"``, ``"internvl"``,
-    ``"idefics3"``, ``"smolvlm"``, ``"llava_onevision"``). The tokenizer is the synthetic task's
+    ``"idefics3"``, ``"smolvlm"``, ``"llava_onevision"``, and the hybrid ``"qwen3_5"``). The tokenizer is the synthetic task's
     word-level one, so the checkpoint can be driven with the synthetic examples. Returns ``path``.
     """
-    from dyco_probe.testing_families import FAMILIES, tiny_family_parts
+    from dyco_probe.testing_families import FAMILIES, HYBRID_FAMILIES, tiny_family_parts
 
-    if family in FAMILIES:
+    if family in FAMILIES + HYBRID_FAMILIES:
         from pathlib import Path
 
         model, processor = tiny_family_parts(family, seed)

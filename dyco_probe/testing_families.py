@@ -20,9 +20,10 @@ import functools
 
 import torch
 
-__all__ = ["FAMILIES", "family_arch", "tiny_family", "tiny_family_parts"]
+__all__ = ["FAMILIES", "HYBRID_FAMILIES", "family_arch", "tiny_family", "tiny_family_parts"]
 
 FAMILIES = ("qwen3_vl", "gemma3", "internvl", "idefics3", "smolvlm", "llava_onevision")
+HYBRID_FAMILIES = ("qwen3_5",)  # some layers are linear attention: no attention row there
 
 # Text decoder of every tiny family: 4 layers, 4 query heads over 2 key/value heads (GQA).
 _TEXT = dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16)
@@ -30,8 +31,8 @@ _TEXT = dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, n
 
 def family_arch(name: str) -> dict:
     """The text decoder sizes of a tiny family (the same for all)."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown family {name!r}; choose one of {', '.join(FAMILIES)}")
+    if name not in FAMILIES + HYBRID_FAMILIES:
+        raise ValueError(f"unknown family {name!r}; choose one of {', '.join(FAMILIES + HYBRID_FAMILIES)}")
     return dict(_TEXT)
 
 
@@ -143,6 +144,35 @@ def _qwen3_vl():
     )
     processor = image_only_processor_class("qwen3_vl")(
         image_processor=image_processor, tokenizer=tok, chat_template=_template("<|vision_start|><|image_pad|><|vision_end|>")
+    )
+    return config, processor
+
+
+def _qwen3_5():
+    """Qwen3.5: the Qwen3-VL layout and processor; Gated DeltaNet layers 0 and 2, softmax attention in 1 and 3."""
+    from transformers import Qwen3_5Config
+
+    qwen3_vl, processor = _qwen3_vl()
+    text = qwen3_vl.text_config.to_dict()
+    text = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "transformers_version")}
+    text.update(
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+    )
+    vision = qwen3_vl.vision_config.to_dict()
+    vision = {k: v for k, v in vision.items() if k not in ("model_type", "deepstack_visual_indexes")}
+    config = Qwen3_5Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=qwen3_vl.image_token_id,
+        video_token_id=qwen3_vl.video_token_id,
+        vision_start_token_id=qwen3_vl.vision_start_token_id,
+        vision_end_token_id=qwen3_vl.vision_end_token_id,
+        tie_word_embeddings=True,
     )
     return config, processor
 
@@ -306,6 +336,7 @@ _BUILDERS = {
     "idefics3": lambda: _idefics3_like(False),
     "smolvlm": lambda: _idefics3_like(True),
     "llava_onevision": _llava_onevision,
+    "qwen3_5": _qwen3_5,
 }
 
 

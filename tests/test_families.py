@@ -1,7 +1,7 @@
-"""The newer families (Qwen3-VL, Gemma 3, InternVL, Idefics3, SmolVLM, LLaVA-OneVision) on tiny random
-configs built from their own transformers config classes (GQA text decoders) with their real processors:
-image spans, online tracing against eager attention, image knockout, the other backends, Gemma 3's
-mask, and loading from a directory."""
+"""The newer families (Qwen3-VL, Gemma 3, InternVL, Idefics3, SmolVLM, LLaVA-OneVision, and the hybrid
+Qwen3.5) on tiny random configs built from their own transformers config classes (GQA text decoders)
+with their real processors: image spans, online tracing against eager attention, image knockout, the
+other backends, Gemma 3's mask, Qwen3.5's linear-attention layers, and loading from a directory."""
 
 import json
 
@@ -14,7 +14,7 @@ from dyco_probe.interventions import Intervention, intervene
 from dyco_probe.models.adapters import adapter_for
 from dyco_probe.models.layouts import onevision_newline_flags
 from dyco_probe.spans import image_positions, spans_for_model
-from dyco_probe.testing_families import FAMILIES, tiny_family
+from dyco_probe.testing_families import FAMILIES, HYBRID_FAMILIES, tiny_family
 from dyco_probe.tracing import SIGNAL_NAMES, TraceConfig, Tracer, attention_hooks, trace_generate, trace_offline
 from dyco_probe.tracing.attention import _text_decoder
 from dyco_probe.tracing.backends import get_backend
@@ -23,7 +23,9 @@ torch.set_num_threads(1)
 
 # Offline backends besides native and eager, per family (the rest raise NotImplementedError, saying why).
 NNSIGHT = {"qwen3_vl", "internvl", "idefics3", "smolvlm", "llava_onevision"}  # not Gemma 3: its mask
-TRANSFORMER_LENS = {"qwen3_vl", "gemma3", "idefics3", "llava_onevision"}  # TL 4.3 has no InternVL, SmolVLM adapter
+# TL 4.3 has no InternVL or SmolVLM adapter; nnsight does not rebuild Qwen3.5's gated queries
+TRANSFORMER_LENS = {"qwen3_vl", "gemma3", "idefics3", "llava_onevision", "qwen3_5"}
+ALL = FAMILIES + HYBRID_FAMILIES
 TOL = 1e-5
 
 
@@ -77,7 +79,7 @@ def snapshot(model):
     }
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=ALL)
 def case(request):
     handle = tiny_family(request.param)
     batch = prompt_batch(handle)
@@ -101,7 +103,7 @@ def test_image_span_is_exactly_the_columns_whose_input_depends_on_the_pixels(cas
     assert bool(row_ends.any()) == (family == "llava_onevision")
     # interventions and patching find the same image columns
     assert torch.equal(image_positions(model, batch) & spans.valid, spans.image)
-    if family in ("qwen3_vl", "gemma3", "llava_onevision"):  # families whose inputs say how many images
+    if family in ("qwen3_vl", "qwen3_5", "gemma3", "llava_onevision"):  # inputs say how many images
         assert spans.num_images.tolist() == [1, 2, 1]
     texts = [handle.tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()]
     markers = {"<fake_token_around_image>", "<row_1_col_1>", "<global-img>", "<img>", "</img>"}
@@ -178,7 +180,7 @@ def test_other_backends_agree_where_they_support_the_family(case, backend):
 
 
 def test_image_knockout_at_every_layer_makes_the_output_independent_of_the_pixels(case):
-    _, handle, batch = case
+    family, handle, batch = case
     model = handle.model
     other = other_pixels(batch)
     text = spans_for_model(model, batch).valid & ~image_positions(model, batch)
@@ -190,10 +192,31 @@ def test_image_knockout_at_every_layer_makes_the_output_independent_of_the_pixel
         ga = model.generate(**batch, max_new_tokens=6, do_sample=False)
         gb = model.generate(**other, max_new_tokens=6, do_sample=False)
     assert log.calls > 0
-    assert torch.equal(a[text], b[text])  # ...and not at all once no query can see an image key
-    assert torch.equal(ga, gb)
+    if family in HYBRID_FAMILIES:  # Qwen3.5's linear-attention layers carry the image on: no knockout there
+        assert not torch.allclose(a[text], b[text], atol=1e-4)
+    else:
+        assert torch.equal(a[text], b[text])  # ...and not at all once no query can see an image key
+        assert torch.equal(ga, gb)
     assert snapshot(model) == before  # unpatched afterwards
     assert torch.equal(logits(model, batch), base)
+
+
+def test_qwen3_5_linear_attention_layers_cannot_be_traced_or_biased():
+    from dyco_probe.tracing.attention import attention_layers, linear_attention_layers
+
+    handle = tiny_family("qwen3_5")
+    model, batch = handle.model, prompt_batch(handle)
+    assert attention_layers(model) == (1, 3) and linear_attention_layers(model) == (0, 2)
+    message = r"layer\(s\) \[0\] of Qwen3_5ForConditionalGeneration use linear attention .*layers are \[1, 3\]"
+    with pytest.raises(ValueError, match=message):
+        trace_generate(model, batch, config=TraceConfig(layers=(0, 1)), max_new_tokens=2)
+    with pytest.raises(ValueError, match=message):
+        with intervene(model, Intervention.knockout("image", layers=[0])):
+            pass
+    with pytest.raises(ValueError, match=message):
+        trace_offline(model, batch, torch.ones(3, 1, dtype=torch.long), config=TraceConfig(layers=(-4,)))
+    trace, _ = trace_generate(model, batch, config=TraceConfig(layers="all"), max_new_tokens=2)
+    assert tuple(trace.layers) == (1, 3)  # "all": the softmax-attention layers
 
 
 # -- Gemma 3: bidirectional image blocks and sliding windows -----------------------------------------
@@ -261,7 +284,7 @@ def test_gemma3_rows_of_every_query_match_eager_attention(gemma):
 # -- loading ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL)
 def test_load_from_a_saved_tiny_checkpoint(family, tmp_path, monkeypatch):
     import dyco_probe as dp
     from dyco_probe.testing import save_tiny_checkpoint
@@ -287,7 +310,7 @@ def test_unsupported_architecture_lists_every_family(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError) as err:
         dp.load(tmp_path)
-    for model_type in ("qwen2_5_vl", "qwen2_vl", "llava", *FAMILIES):
+    for model_type in ("qwen2_5_vl", "qwen2_vl", "llava", *ALL):
         assert model_type in str(err.value)
         assert adapter_for(model_type).name == model_type
 

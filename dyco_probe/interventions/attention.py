@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..spans import Spans, image_positions, image_token_id_of
-from ..tracing.attention import attention_hooks, text_attention_modules
+from ..tracing.attention import _text_decoder, attention_hooks, attention_layers
 from .spec import Intervention, KeyLayout
 
 __all__ = ["InterventionLog", "intervene"]
@@ -71,8 +71,10 @@ def intervene(
     visible key at all is undefined (it cannot renormalise); no built-in key span does that.
     """
     log = InterventionLog()
-    num_layers = len(text_attention_modules(model))
+    num_layers = len(_text_decoder(model).layers)
     layers = spec.resolve_layers(num_layers)
+    if spec.layers is None:  # hybrid models (Qwen3.5): the softmax-attention layers; others raise
+        layers = attention_layers(model)
     state: dict = {"layout": None}
     if spans is not None:
         state["layout"] = KeyLayout.from_spans(spans, completion_start)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..spans import image_positions, image_token_id_of
-from ..tracing.attention import _text_decoder, attention_hooks
+from ..tracing.attention import _text_decoder, attention_hooks, attention_layers
 from .attention import _forward_inputs
 
 __all__ = [
@@ -199,7 +199,8 @@ def record_attention_output(model, inputs: dict, layers: Sequence[int] | int | N
         call.edit_output(keep)
 
     num_layers = len(_text_decoder(model).layers)
-    with attention_hooks(model, hook, layers=_resolve(layers, num_layers)):
+    chosen = attention_layers(model) if layers is None else _resolve(layers, num_layers)
+    with attention_hooks(model, hook, layers=chosen):
         model(**inputs, use_cache=False)
     return Recording("attention_output", got)
 

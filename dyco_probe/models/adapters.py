@@ -90,8 +90,13 @@ SMOLVLM = FamilyAdapter("smolvlm", ("smolvlm",), "SmolVLMForConditionalGeneratio
 LLAVA_ONEVISION = FamilyAdapter(
     "llava_onevision", ("llava_onevision",), "LlavaOnevisionForConditionalGeneration", False, True
 )
-ADAPTERS = (QWEN2_5_VL, QWEN2_VL, LLAVA, QWEN3_VL, GEMMA3, INTERNVL, IDEFICS3, SMOLVLM, LLAVA_ONEVISION)
-_FAMILY_NAMES = "Qwen2.5-VL, Qwen2-VL, LLaVA, Qwen3-VL, Gemma 3, InternVL, Idefics3, SmolVLM and LLaVA-OneVision"
+# Hybrid: Gated DeltaNet (linear attention) layers with a softmax-attention layer every 4th.
+QWEN3_5 = FamilyAdapter("qwen3_5", ("qwen3_5",), "Qwen3_5ForConditionalGeneration", True, True, _QWEN_IMAGE)
+ADAPTERS = (QWEN2_5_VL, QWEN2_VL, LLAVA, QWEN3_VL, GEMMA3, INTERNVL, IDEFICS3, SMOLVLM, LLAVA_ONEVISION, QWEN3_5)
+_FAMILY_NAMES = (
+    "Qwen2.5-VL, Qwen2-VL, LLaVA, Qwen3-VL, Gemma 3, InternVL, Idefics3, SmolVLM, LLaVA-OneVision "
+    "and Qwen3.5 (its softmax-attention layers)"
+)
 
 
 def supported_model_types() -> list[str]:

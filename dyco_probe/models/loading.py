@@ -103,8 +103,21 @@ def weights_sha256(source: str | os.PathLike) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def _load_tokenizer(path: Path):
+    """`AutoTokenizer`, except that a tokenizer saved as the generic `TokenizersBackend` is loaded as
+    one: for some model types (qwen3_5) transformers imposes the family's own BPE tokenizer class,
+    which would rebuild another vocabulary's pre-tokenizer around a word-level one."""
+    from transformers import AutoTokenizer, TokenizersBackend
+
+    config = path / "tokenizer_config.json"
+    saved = json.loads(config.read_text()).get("tokenizer_class") if config.exists() else None
+    if saved == "TokenizersBackend":
+        return TokenizersBackend.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def _load_processor(path: Path, adapter: FamilyAdapter):
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoProcessor
 
     if adapter.image_only_processor:
         import inspect
@@ -112,7 +125,7 @@ def _load_processor(path: Path, adapter: FamilyAdapter):
         from dyco_probe.models.processor import image_only_processor_class
 
         cls = image_only_processor_class(adapter.name)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = _load_tokenizer(path)
         image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
         chat_template = getattr(tokenizer, "chat_template", None)
         for name in ("chat_template.jinja", "chat_template.json"):

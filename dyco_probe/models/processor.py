@@ -114,10 +114,11 @@ _CLASSES: dict[str, type] = {}
 
 
 def image_only_processor_class(family: str) -> type:
-    """The image-only processor class of ``family`` (``qwen3_vl``, ``internvl``, ``llava_onevision``,
-    ``smolvlm``); Qwen2.5-VL / Qwen2-VL use :class:`ImageOnlyQwen2_5_VLProcessor`."""
+    """The image-only processor class of ``family`` (``qwen3_vl``, ``qwen3_5``, ``internvl``,
+    ``llava_onevision``, ``smolvlm``); Qwen2.5-VL / Qwen2-VL use :class:`ImageOnlyQwen2_5_VLProcessor`."""
     if family in ("qwen2_5_vl", "qwen2_vl"):
         return ImageOnlyQwen2_5_VLProcessor
+    family = "qwen3_vl" if family == "qwen3_5" else family  # Qwen3.5 uses the Qwen3-VL processor
     if family not in _CLASSES:
         _CLASSES[family] = _FACTORIES[family]()
     return _CLASSES[family]

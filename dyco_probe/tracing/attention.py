@@ -63,7 +63,10 @@ __all__ = [
     "AttentionCall",
     "AttentionHook",
     "attention_hooks",
+    "attention_layers",
+    "check_attention_layers",
     "explicit_attention_rows",
+    "linear_attention_layers",
     "text_attention_modules",
 ]
 
@@ -437,15 +440,45 @@ def _text_decoder(model: nn.Module) -> nn.Module:
 
 
 def text_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention module of every text decoder layer, in layer order."""
+    """The softmax self-attention module of every text decoder layer that has one, in layer order.
+
+    Layers whose token mixer is linear attention (Qwen3.5's Gated DeltaNet: a `linear_attn` module)
+    have no attention row and are left out; their indices are `linear_attention_layers(model)`.
+    """
     decoder = _text_decoder(model)
     modules = []
     for layer in decoder.layers:
         attn = getattr(layer, "self_attn", None)
+        if attn is None and getattr(layer, "linear_attn", None) is not None:
+            continue
         if attn is None or not hasattr(attn, "layer_idx"):
             raise TypeError(f"decoder layer {type(layer).__name__} has no self_attn with a layer_idx")
         modules.append(attn)
     return modules
+
+
+def attention_layers(model: nn.Module) -> tuple[int, ...]:
+    """Indices of the text decoder layers with softmax attention (all of them but in hybrid models)."""
+    return tuple(int(m.layer_idx) for m in text_attention_modules(model))
+
+
+def linear_attention_layers(model: nn.Module) -> tuple[int, ...]:
+    """Indices of the text decoder layers whose token mixer is linear attention (no attention row)."""
+    decoder = _text_decoder(model)
+    return tuple(i for i, layer in enumerate(decoder.layers) if getattr(layer, "self_attn", None) is None)
+
+
+def check_attention_layers(model: nn.Module, layers: Iterable[int]) -> None:
+    """Raise a `ValueError` naming the `layers` that have no softmax attention to trace or bias."""
+    linear = set(linear_attention_layers(model))
+    bad = sorted(int(i) for i in layers if int(i) in linear)
+    if bad:
+        decoder = _text_decoder(model)
+        mixer = type(getattr(decoder.layers[bad[0]], "linear_attn", decoder.layers[bad[0]])).__name__
+        raise ValueError(
+            f"layer(s) {bad} of {type(model).__name__} use linear attention ({mixer}): they have no "
+            f"attention row to trace or bias; its softmax-attention layers are {list(attention_layers(model))}"
+        )
 
 
 @contextlib.contextmanager
@@ -455,8 +488,13 @@ def attention_hooks(
     """Run `hook(call)` at the text decoder's attention `layers` (None: all) while the block runs.
 
     The model's behaviour is unchanged unless the hook adds a logit bias; on exit every trace of
-    the patch is gone (`config._attn_implementation` restored, registry entries removed).
+    the patch is gone (`config._attn_implementation` restored, registry entries removed). Asking for
+    a linear-attention layer of a hybrid model (Qwen3.5) raises a `ValueError`; None means every
+    softmax-attention layer.
     """
+    if layers is not None:
+        layers = [int(i) for i in layers]
+        check_attention_layers(model, layers)
     decoder = _text_decoder(model)
     session = _SESSIONS.get(decoder)
     created = session is None

@@ -55,7 +55,10 @@ def rows(model, inputs: dict, *, layers, heads, query_columns: Tensor, **options
             )
         has_norm = getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None
         if has_norm and type(attn).__name__ not in _PER_HEAD_NORMS:
-            raise NotImplementedError(f"the nnsight backend does not rebuild the q/k norms of {type(attn).__name__}")
+            raise NotImplementedError(
+                f"the nnsight backend cannot rebuild the queries of {type(attn).__name__} (q/k norms, gates): "
+                "use the native, eager or transformer_lens backend"
+            )
         normed.append(has_norm)
 
     saved = []
