@@ -106,7 +106,10 @@ def _qwen3_vl():
     from dyco_probe.models.processor import image_only_processor_class
 
     tok = _tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    }
     text = _text_kwargs(
         tok,
         rope_parameters={
@@ -143,7 +146,9 @@ def _qwen3_vl():
         size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 16},  # 4 to 16 tokens per image
     )
     processor = image_only_processor_class("qwen3_vl")(
-        image_processor=image_processor, tokenizer=tok, chat_template=_template("<|vision_start|><|image_pad|><|vision_end|>")
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=_template("<|vision_start|><|image_pad|><|vision_end|>"),
     )
     return config, processor
 
@@ -182,7 +187,11 @@ def _gemma3():
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
     from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
 
-    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    named = {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    }
     tok = _tokenizer(named)
     image_size, tokens_per_image = 28, 4  # 4x4 patches of 7 pixels, pooled 2x2 into 4 soft tokens
     text = _text_kwargs(
@@ -247,7 +256,10 @@ def _internvl():
         size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1, max_patches=4
     )
     processor = image_only_processor_class("internvl")(
-        image_processor=image_processor, tokenizer=tok, chat_template=_template("<IMG_CONTEXT>"), image_seq_length=4
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=_template("<IMG_CONTEXT>"),
+        image_seq_length=4,
     )
     return config, processor
 
@@ -260,14 +272,18 @@ def _idefics3_like(smol: bool):
     tile, patch = 28, 7  # 4x4 patches per tile, pixel-shuffled (scale factor 2) into 4 tokens
     if smol:
         from transformers import SmolVLMConfig as Config
-        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil as ImageProc
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+            SmolVLMImageProcessorPil as ImageProc,
+        )
 
         from dyco_probe.models.processor import image_only_processor_class
 
         Processor = image_only_processor_class("smolvlm")
     else:
         from transformers import Idefics3Config as Config
-        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil as ImageProc
+        from transformers.models.idefics3.image_processing_pil_idefics3 import (
+            Idefics3ImageProcessorPil as ImageProc,
+        )
         from transformers.models.idefics3.processing_idefics3 import Idefics3Processor as Processor
 
     named = {
@@ -305,7 +321,9 @@ def _llava_onevision():
     image_size, patch = 28, 7  # 16 features per crop; anyres crops on a 2x2 grid at most
     pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
     config = LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", **_siglip(image_size, patch, vision_use_head=False)),
+        vision_config=dict(
+            model_type="siglip_vision_model", **_siglip(image_size, patch, vision_use_head=False)
+        ),
         text_config=dict(model_type="qwen2", **_text_kwargs(tok)),
         image_token_index=tok.image_token_id,
         video_token_index=tok.video_token_id,

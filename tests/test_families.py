@@ -15,7 +15,14 @@ from dyco_probe.models.adapters import adapter_for
 from dyco_probe.models.layouts import onevision_newline_flags
 from dyco_probe.spans import image_positions, spans_for_model
 from dyco_probe.testing_families import FAMILIES, HYBRID_FAMILIES, tiny_family
-from dyco_probe.tracing import SIGNAL_NAMES, TraceConfig, Tracer, attention_hooks, trace_generate, trace_offline
+from dyco_probe.tracing import (
+    SIGNAL_NAMES,
+    TraceConfig,
+    Tracer,
+    attention_hooks,
+    trace_generate,
+    trace_offline,
+)
 from dyco_probe.tracing.attention import _text_decoder
 from dyco_probe.tracing.backends import get_backend
 
@@ -131,7 +138,9 @@ def test_onevision_row_ends_agree_from_image_sizes_and_from_encoded_features():
     assert [f.tolist() for f in from_sizes] == [f.tolist() for f in from_features]
     assert sum(int(f.sum()) for f in from_sizes) > 3  # single images: rows of crops; multi-image: one each
     with pytest.raises(ValueError, match="image_sizes"):
-        spans_for_model(handle.model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+        spans_for_model(
+            handle.model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        )
 
 
 # -- tracing ----------------------------------------------------------------------------------------
@@ -163,7 +172,9 @@ def test_other_backends_agree_where_they_support_the_family(case, backend):
     model = handle.model
     config = TraceConfig(layers="all", per_layer=True)
     online, completion = trace_generate(model, batch, config=config, max_new_tokens=5)
-    supported = backend == "native" or family in {"nnsight": NNSIGHT, "transformer_lens": TRANSFORMER_LENS}[backend]
+    supported = (
+        backend == "native" or family in {"nnsight": NNSIGHT, "transformer_lens": TRANSFORMER_LENS}[backend]
+    )
     options = {"tokenizer": handle.tokenizer} if backend == "transformer_lens" else {}
     before = snapshot(model)
     if not supported:
@@ -207,7 +218,9 @@ def test_qwen3_5_linear_attention_layers_cannot_be_traced_or_biased():
     handle = tiny_family("qwen3_5")
     model, batch = handle.model, prompt_batch(handle)
     assert attention_layers(model) == (1, 3) and linear_attention_layers(model) == (0, 2)
-    message = r"layer\(s\) \[0\] of Qwen3_5ForConditionalGeneration use linear attention .*layers are \[1, 3\]"
+    message = (
+        r"layer\(s\) \[0\] of Qwen3_5ForConditionalGeneration use linear attention .*layers are \[1, 3\]"
+    )
     with pytest.raises(ValueError, match=message):
         trace_generate(model, batch, config=TraceConfig(layers=(0, 1)), max_new_tokens=2)
     with pytest.raises(ValueError, match=message):

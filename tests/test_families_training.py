@@ -37,7 +37,9 @@ def test_rollout_signals_match_the_offline_trace(checkpoint):
     torch.manual_seed(0)
     rollout = sample_rollout(handle, examples, 2, max_new_tokens=6)
     prompts, images = _prompts_and_images(handle, [ex for ex in examples for _ in range(2)])
-    offline = trace_offline(handle.model, handle.encode(prompts, images), rollout.completion_ids, rollout.mask)
+    offline = trace_offline(
+        handle.model, handle.encode(prompts, images), rollout.completion_ids, rollout.mask
+    )
     for name in ("r_vis", "r_txt", "v_vis", "v_txt"):
         diff = getattr(offline, name) - getattr(rollout.signals, name)
         assert float(diff[rollout.mask].abs().max()) < 1e-5, name

@@ -82,9 +82,15 @@ QWEN2_VL = FamilyAdapter(
 )
 LLAVA = FamilyAdapter("llava", ("llava",), "LlavaForConditionalGeneration", False, nested_images=False)
 # Newer families (docs/families.md: layouts and which positions count as image).
-QWEN3_VL = FamilyAdapter("qwen3_vl", ("qwen3_vl",), "Qwen3VLForConditionalGeneration", True, True, _QWEN_IMAGE)
-GEMMA3 = FamilyAdapter("gemma3", ("gemma3",), "Gemma3ForConditionalGeneration", False, False, "<start_of_image>")
-INTERNVL = FamilyAdapter("internvl", ("internvl",), "InternVLForConditionalGeneration", False, True, "<IMG_CONTEXT>")
+QWEN3_VL = FamilyAdapter(
+    "qwen3_vl", ("qwen3_vl",), "Qwen3VLForConditionalGeneration", True, True, _QWEN_IMAGE
+)
+GEMMA3 = FamilyAdapter(
+    "gemma3", ("gemma3",), "Gemma3ForConditionalGeneration", False, False, "<start_of_image>"
+)
+INTERNVL = FamilyAdapter(
+    "internvl", ("internvl",), "InternVLForConditionalGeneration", False, True, "<IMG_CONTEXT>"
+)
 IDEFICS3 = FamilyAdapter("idefics3", ("idefics3",), "Idefics3ForConditionalGeneration", False)
 SMOLVLM = FamilyAdapter("smolvlm", ("smolvlm",), "SmolVLMForConditionalGeneration", False, True)
 LLAVA_ONEVISION = FamilyAdapter(
@@ -92,7 +98,18 @@ LLAVA_ONEVISION = FamilyAdapter(
 )
 # Hybrid: Gated DeltaNet (linear attention) layers with a softmax-attention layer every 4th.
 QWEN3_5 = FamilyAdapter("qwen3_5", ("qwen3_5",), "Qwen3_5ForConditionalGeneration", True, True, _QWEN_IMAGE)
-ADAPTERS = (QWEN2_5_VL, QWEN2_VL, LLAVA, QWEN3_VL, GEMMA3, INTERNVL, IDEFICS3, SMOLVLM, LLAVA_ONEVISION, QWEN3_5)
+ADAPTERS = (
+    QWEN2_5_VL,
+    QWEN2_VL,
+    LLAVA,
+    QWEN3_VL,
+    GEMMA3,
+    INTERNVL,
+    IDEFICS3,
+    SMOLVLM,
+    LLAVA_ONEVISION,
+    QWEN3_5,
+)
 _FAMILY_NAMES = (
     "Qwen2.5-VL, Qwen2-VL, LLaVA, Qwen3-VL, Gemma 3, InternVL, Idefics3, SmolVLM, LLaVA-OneVision "
     "and Qwen3.5 (its softmax-attention layers)"

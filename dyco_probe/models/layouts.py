@@ -56,7 +56,11 @@ def onevision_newline_flags(model, inputs: dict) -> list[Tensor] | None:
     side = config.vision_config.image_size // config.vision_config.patch_size
     features = []
     for size, patch in zip(sizes, patching):
-        n = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if patch else 1
+        n = (
+            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            if patch
+            else 1
+        )
         features.append(torch.zeros(n, side * side, 1))
     packed, _ = core.pack_image_features(
         features, sizes, image_newline=torch.ones(1), vision_aspect_ratio=config.vision_aspect_ratio

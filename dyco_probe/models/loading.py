@@ -144,7 +144,9 @@ def _load_processor(path: Path, adapter: FamilyAdapter):
         )
         accepted -= {"self", "image_processor", "tokenizer", "video_processor", "chat_template", "kwargs"}
         options = {k: v for k, v in saved.items() if k in accepted}
-        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **options)
+        return cls(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **options
+        )
     return AutoProcessor.from_pretrained(path, local_files_only=True)
 
 

@@ -54,27 +54,35 @@ def _image_only(base: type, name: str, doc: str) -> type:
     import inspect
 
     sig = inspect.signature(base.__init__)
-    __init__.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "video_processor"])
+    __init__.__signature__ = sig.replace(
+        parameters=[p for n, p in sig.parameters.items() if n != "video_processor"]
+    )
     return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
 def _qwen3_vl():
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-    return _image_only(Qwen3VLProcessor, "ImageOnlyQwen3VLProcessor", "Qwen3-VL processor without the video path.")
+    return _image_only(
+        Qwen3VLProcessor, "ImageOnlyQwen3VLProcessor", "Qwen3-VL processor without the video path."
+    )
 
 
 def _internvl():
     from transformers.models.internvl.processing_internvl import InternVLProcessor
 
-    return _image_only(InternVLProcessor, "ImageOnlyInternVLProcessor", "InternVL processor without the video path.")
+    return _image_only(
+        InternVLProcessor, "ImageOnlyInternVLProcessor", "InternVL processor without the video path."
+    )
 
 
 def _llava_onevision():
     from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
     return _image_only(
-        LlavaOnevisionProcessor, "ImageOnlyLlavaOnevisionProcessor", "LLaVA-OneVision processor without video."
+        LlavaOnevisionProcessor,
+        "ImageOnlyLlavaOnevisionProcessor",
+        "LLaVA-OneVision processor without video.",
     )
 
 
@@ -86,7 +94,9 @@ def _smolvlm():
         """SmolVLM processor without the video path: no video processor, no num2words (only its
         video prompts need it)."""
 
-        def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs):
+        def __init__(
+            self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs
+        ):
             kwargs.pop("video_processor", None)
             self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
             self.image_token = getattr(tokenizer, "image_token", "<image>")
@@ -95,7 +105,9 @@ def _smolvlm():
             self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
             self.image_seq_len = image_seq_len
             self.video_token = getattr(tokenizer, "video_token", "<video>")
-            ProcessorMixin.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+            ProcessorMixin.__init__(
+                self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs
+            )
 
         def apply_chat_template(self, conversation, chat_template=None, **kwargs):
             return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)

@@ -191,7 +191,9 @@ class AttentionCall:
         return torch.nn.functional.pad(probs, (self.key_offset, 0))
 
 
-def _mask_rows(mask: Tensor | None, rows: Tensor, query_columns: Tensor, key_columns: Tensor, device) -> Tensor:
+def _mask_rows(
+    mask: Tensor | None, rows: Tensor, query_columns: Tensor, key_columns: Tensor, device
+) -> Tensor:
     neg = torch.finfo(torch.float32).min
     num_keys = key_columns.shape[0]
     cols = key_columns.to(device)

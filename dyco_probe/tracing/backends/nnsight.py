@@ -48,7 +48,10 @@ def rows(model, inputs: dict, *, layers, heads, query_columns: Tensor, **options
     normed = []
     for layer in layers:
         attn = decoder.layers[layer].self_attn
-        if getattr(attn, "sliding_window", None) is not None or getattr(model.config, "model_type", "") == "gemma3":
+        if (
+            getattr(attn, "sliding_window", None) is not None
+            or getattr(model.config, "model_type", "") == "gemma3"
+        ):
             raise NotImplementedError(
                 f"the nnsight backend rebuilds causal + padding masks only; {type(attn).__name__} uses sliding "
                 "windows or bidirectional image blocks: use the native, eager or transformer_lens backend"
