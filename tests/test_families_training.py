@@ -20,9 +20,9 @@ def checkpoint(tmp_path_factory):
     return str(save_tiny_checkpoint("qwen3_vl", tmp_path_factory.mktemp("qwen3_vl") / "model"))
 
 
-def parity_reward(completions, answers):
-    """A reward an untrained model can earn: 1 for an even number of words."""
-    return [float(len(c.split()) % 2 == 0) for c in completions]
+def text_reward(completions, answers):
+    """A reward with a spread over any distinct completions of an untrained model."""
+    return [sum(map(ord, c)) % 7 / 7 for c in completions]
 
 
 def test_rollout_signals_match_the_offline_trace(checkpoint):
@@ -61,7 +61,7 @@ def test_train_two_steps(checkpoint, tmp_path, capsys):
         eval_max_new_tokens=6,
         eval_every=2,
         checkpoint_every=2,
-        reward_weights={"parity": 1.0},
+        reward_weights={"text": 1.0},
         tau_txt=0.0,
         lr=1e-3,
         dyco="token",
@@ -69,7 +69,7 @@ def test_train_two_steps(checkpoint, tmp_path, capsys):
     train(
         config,
         handle,
-        reward_funcs={"parity": parity_reward},
+        reward_funcs={"text": text_reward},
         train_examples=synthetic_examples("train", 8),
         eval_examples=synthetic_examples("test", 2),
         progress=False,
@@ -120,7 +120,7 @@ def test_trl_two_steps(checkpoint, tmp_path):
     trainer = Spy(
         model=checkpoint,
         processing_class=load(checkpoint).processor,
-        reward_funcs=[as_trl_reward(lambda completions, answers: [len(c.split()) / 10 for c in completions])],
+        reward_funcs=[as_trl_reward(text_reward)],
         args=args,
         train_dataset=synthetic_dataset("train", 8),
         dyco=ScorerConfig(granularity="token", alpha=alpha, tau_txt=0.0),

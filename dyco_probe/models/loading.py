@@ -22,7 +22,8 @@ class ModelHandle:
 
     Attributes:
         model: the ``transformers`` model, in eval mode.
-        processor: its processor (tokenizer + image processor; image-only for Qwen families).
+        processor: its processor (tokenizer + image processor; image-only where the stock one needs
+            torchvision or num2words for video).
         adapter: the family adapter (prompt format, image token).
         source: ``"builtin"`` or the checkpoint path.
     """
