@@ -59,8 +59,9 @@ def teacher_forced_batch(
         comp[i, L - len(completion_ids[i]) :] = True
     batch["input_ids"] = new_ids
     batch["attention_mask"] = new_am
-    if "mm_token_type_ids" in batch:
-        batch["mm_token_type_ids"] = (new_ids == handle.image_token_id).to(batch["mm_token_type_ids"].dtype)
+    for key in ("mm_token_type_ids", "token_type_ids"):  # 1 on image placeholders (Qwen; Gemma 3)
+        if key in batch:
+            batch[key] = (new_ids == handle.image_token_id).to(batch[key].dtype)
     batch["completion_mask"] = comp
     batch["prompt_lengths"] = torch.tensor(prompt_lengths, device=ids.device)
     return batch

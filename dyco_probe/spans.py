@@ -4,7 +4,9 @@ Positions are columns of the padded batch: `prompt ++ completion`, prompts left-
 common length `L`, completion columns `L, L+1, ...` (as `generate` lays them out). Everything is
 computed per sample; nothing assumes that two samples share positions.
 
-- image span `I`: the columns holding the image placeholder token (all images of the sample);
+- image span `I`: the columns holding the image placeholder token (all images of the sample) whose
+    input embedding is a vision feature: markers around images, tile separators, row/column tags and
+    LLaVA-OneVision's row-end vectors are not image (docs/families.md);
 - text span at the query in column `q`, `X(q)`:
     `post_image` (default, the published code): columns after the sample's last image token up to and
     including `q`: the question plus the completion so far;
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["TEXT_SPANS", "Spans", "find_spans", "image_token_id_of", "spans_for_model"]
+__all__ = ["TEXT_SPANS", "Spans", "find_spans", "image_positions", "image_token_id_of", "spans_for_model"]
 
 TEXT_SPANS = ("post_image", "all_text")
 
@@ -122,6 +124,7 @@ def find_spans(
     tokens_per_image: int | None = None,
     num_pixel_rows: int | None = None,
     on_missing_image: str = "error",
+    not_image: Tensor | None = None,
 ) -> Spans:
     """Find the spans of a prompt batch and check them against the images.
 
@@ -136,6 +139,8 @@ def find_spans(
         num_pixel_rows: Qwen-VL: `pixel_values.shape[0]`, checked against the grids (`t*h*w` patches each).
         on_missing_image: a sample without image tokens raises (`"error"`) or warns and gets an empty
             image span, hence `r_vis = 0` (`"warn"`).
+        not_image: `[B, L]` bool, placeholder columns that hold no vision feature (LLaVA-OneVision's
+            row ends; `dyco_probe.models.layouts`): left out of the image span.
 
     Raises:
         ValueError naming the sample: no image tokens (with `"error"`), image-token count not matching
@@ -151,6 +156,8 @@ def find_spans(
         else attention_mask.to(torch.bool)
     )
     image = (input_ids == image_token_id) & valid
+    if not_image is not None:
+        image = image & ~not_image.to(device=image.device, dtype=torch.bool)
     counts = image.sum(-1)
     cols = torch.arange(input_ids.shape[1], device=input_ids.device)
     last_image = torch.where(image, cols, torch.full_like(cols, -1)).amax(-1)
@@ -219,6 +226,21 @@ def image_token_id_of(model) -> int:
     raise ValueError("the model config has no image_token_id / image_token_index; pass image_token_id")
 
 
+def _not_image(model, inputs: dict, image_token_id: int) -> Tensor | None:
+    from dyco_probe.models.layouts import not_image_placeholders
+
+    return not_image_placeholders(model, inputs, inputs["input_ids"] == image_token_id)
+
+
+def image_positions(model, inputs: dict, image_token_id: int | None = None) -> Tensor:
+    """`[B, L]` bool: the columns of `inputs["input_ids"]` whose input embedding is a vision feature
+    (the image span `I` before padding is taken out), as `spans_for_model` finds them."""
+    image_token_id = image_token_id_of(model) if image_token_id is None else image_token_id
+    image = inputs["input_ids"] == image_token_id
+    not_image = _not_image(model, inputs, image_token_id)
+    return image if not_image is None else image & ~not_image
+
+
 def spans_for_model(
     model,
     inputs: dict,
@@ -226,28 +248,36 @@ def spans_for_model(
     image_token_id: int | None = None,
     on_missing_image: str = "error",
 ) -> Spans:
-    """`find_spans` with the image checks a model's config implies (Qwen grids, LLaVA tokens per image)."""
+    """`find_spans` with the image checks a model's config implies (Qwen grids, LLaVA and Gemma 3
+    tokens per image) and the family's layout (LLaVA-OneVision's row ends are not image)."""
     config = model.config
     image_token_id = image_token_id_of(model) if image_token_id is None else image_token_id
     vision = getattr(config, "vision_config", None)
     grid = inputs.get("image_grid_thw")
     pixels = inputs.get("pixel_values")
+    model_type = getattr(config, "model_type", "")
     kwargs = {}
     if grid is not None:
         kwargs["image_grid_thw"] = grid
         kwargs["merge_size"] = getattr(vision, "spatial_merge_size", 2)
         if pixels is not None and pixels.ndim == 2:
             kwargs["num_pixel_rows"] = pixels.shape[0]
-    elif getattr(config, "image_seq_length", None) and getattr(config, "model_type", "") == "llava":
+    elif getattr(config, "image_seq_length", None) and model_type == "llava":
         kwargs["tokens_per_image"] = int(config.image_seq_length)
+    elif getattr(config, "mm_tokens_per_image", None) and model_type == "gemma3":
+        kwargs["tokens_per_image"] = int(config.mm_tokens_per_image)
     spans = find_spans(
         inputs["input_ids"],
         inputs.get("attention_mask"),
         image_token_id=image_token_id,
         on_missing_image=on_missing_image,
+        not_image=_not_image(model, inputs, image_token_id),
         **kwargs,
     )
-    if grid is None and kwargs.get("tokens_per_image") and pixels is not None:
+    counts = inputs.get("batch_num_images")  # LLaVA-OneVision: images per prompt
+    if counts is not None and counts.numel() == spans.batch_size:
+        spans = Spans(spans.image, spans.valid, spans.last_image, counts.to(spans.num_images))
+    if grid is None and kwargs.get("tokens_per_image") and pixels is not None and model_type == "llava":
         expected = int(spans.num_images.sum())
         if pixels.shape[0] != expected:
             raise ValueError(

@@ -369,9 +369,20 @@ def save_tiny_checkpoint(family: str, path, seed: int = 0):
     """Write a complete tiny random checkpoint of a model family to ``path`` (config, weights,
     tokenizer, processor files), as a real local checkpoint directory would look.
 
-    ``family`` is ``"qwen2_5_vl"``, ``"qwen2_vl"`` or ``"llava"``. The tokenizer is the synthetic
-    task's word-level one, so the checkpoint can be driven with the synthetic examples. Returns ``path``.
+    ``family`` is ``"qwen2_5_vl"``, ``"qwen2_vl"``, ``"llava"`` or one of the newer families of
+    ``dyco_probe.testing_families.FAMILIES`` (``"qwen3_vl"``, ``"gemma3"``, ``"internvl"``,
+    ``"idefics3"``, ``"smolvlm"``, ``"llava_onevision"``, and the hybrid ``"qwen3_5"``). The tokenizer is the synthetic task's
+    word-level one, so the checkpoint can be driven with the synthetic examples. Returns ``path``.
     """
+    from dyco_probe.testing_families import FAMILIES, HYBRID_FAMILIES, tiny_family_parts
+
+    if family in FAMILIES + HYBRID_FAMILIES:
+        from pathlib import Path
+
+        model, processor = tiny_family_parts(family, seed)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        return Path(path)
     from pathlib import Path
 
     from dyco_probe.models.builtin import (
@@ -468,7 +479,9 @@ def save_tiny_checkpoint(family: str, path, seed: int = 0):
             num_additional_image_tokens=1,
         )
     else:
-        raise ValueError(f"unknown family {family!r}; choose qwen2_5_vl, qwen2_vl or llava")
+        raise ValueError(
+            f"unknown family {family!r}; choose qwen2_5_vl, qwen2_vl, llava or one of {', '.join(FAMILIES)}"
+        )
     torch.set_rng_state(state)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

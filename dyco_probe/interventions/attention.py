@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..spans import Spans, image_token_id_of
-from ..tracing.attention import attention_hooks, text_attention_modules
+from ..spans import Spans, image_positions, image_token_id_of
+from ..tracing.attention import _text_decoder, attention_hooks, attention_layers
 from .spec import Intervention, KeyLayout
 
 __all__ = ["InterventionLog", "intervene"]
@@ -71,8 +71,10 @@ def intervene(
     visible key at all is undefined (it cannot renormalise); no built-in key span does that.
     """
     log = InterventionLog()
-    num_layers = len(text_attention_modules(model))
+    num_layers = len(_text_decoder(model).layers)
     layers = spec.resolve_layers(num_layers)
+    if spec.layers is None:  # hybrid models (Qwen3.5): the softmax-attention layers; others raise
+        layers = attention_layers(model)
     state: dict = {"layout": None}
     if spans is not None:
         state["layout"] = KeyLayout.from_spans(spans, completion_start)
@@ -92,7 +94,8 @@ def intervene(
         if input_ids is None or past != 0:
             return
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
-        state["layout"] = KeyLayout.build(input_ids == image_id, valid.bool(), completion_start)
+        image = image_positions(model, {**kwargs, "input_ids": input_ids}, image_id)
+        state["layout"] = KeyLayout.build(image, valid.bool(), completion_start)
 
     def hook(call):
         layout = state["layout"]
@@ -112,7 +115,7 @@ def intervene(
             rows = touched.nonzero().flatten()
             sel = sel[:, rows]
             cols = cols[rows]
-        keys = layout.key_mask(spec.keys, cols, call.num_keys, spec.text_span, spec.key_columns).to(device)
+        keys = layout.key_mask(spec.keys, cols, call.num_columns, spec.text_span, spec.key_columns).to(device)
         chosen = keys if sel is None else keys & sel[:, :, None]  # [B, R, K]
         chosen = chosen[:, None]  # [B, 1, R, K]
         if head_mask is not None:

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..spans import image_token_id_of
-from ..tracing.attention import _text_decoder, attention_hooks
+from ..spans import image_positions, image_token_id_of
+from ..tracing.attention import _text_decoder, attention_hooks, attention_layers
 from .attention import _forward_inputs
 
 __all__ = [
@@ -78,6 +78,7 @@ class _ImageColumns:
     """Tracks the image columns of the forward that starts each sequence (a model forward pre-hook)."""
 
     def __init__(self, model, image_token_id: int | None):
+        self.model = model
         self.image_id = image_token_id_of(model) if image_token_id is None else int(image_token_id)
         self.mask: Tensor | None = None
         self.prefill = False
@@ -87,7 +88,8 @@ class _ImageColumns:
         self.prefill = input_ids is not None and past == 0
         if self.prefill:
             valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
-            self.mask = (input_ids == self.image_id) & valid.bool()
+            image = image_positions(self.model, {**kwargs, "input_ids": input_ids}, self.image_id)
+            self.mask = image & valid.bool()
 
 
 @torch.no_grad()
@@ -197,7 +199,8 @@ def record_attention_output(model, inputs: dict, layers: Sequence[int] | int | N
         call.edit_output(keep)
 
     num_layers = len(_text_decoder(model).layers)
-    with attention_hooks(model, hook, layers=_resolve(layers, num_layers)):
+    chosen = attention_layers(model) if layers is None else _resolve(layers, num_layers)
+    with attention_hooks(model, hook, layers=chosen):
         model(**inputs, use_cache=False)
     return Recording("attention_output", got)
 

@@ -44,6 +44,9 @@ def placeholder_ids(model) -> list[int]:
         "video_token_id",
         "vision_start_token_id",
         "vision_end_token_id",
+        "video_token_index",  # LLaVA-OneVision
+        "boi_token_index",  # Gemma 3's image start / end markers
+        "eoi_token_index",
     )
     return sorted({int(v) for v in (getattr(config, n, None) for n in names) if isinstance(v, int)})
 

@@ -58,7 +58,8 @@ class Intervention:
     Attributes:
         keys: key span, one of `KEY_SPANS` (see the module docstring).
         scale: λ >= 0; 0 knocks the keys out, 1 is a no-op.
-        layers: text-decoder layers (negative count from the end); None = all.
+        layers: text-decoder layers (negative count from the end); None = all (in hybrid models,
+            Qwen3.5, every softmax-attention layer: linear-attention layers cannot be biased).
         heads: query heads; None = all.
         text_span: `"post_image"` (default) or `"all_text"`, for the text-based key spans (SPEC §1).
         key_columns: the columns of `keys="positions"`.

@@ -29,6 +29,9 @@ class FamilyAdapter:
     model_types: tuple[str, ...]
     model_class: str  # transformers class name
     uses_mm_token_type_ids: bool
+    image_only_processor: bool = False  # the stock processor needs torchvision (or num2words) for video
+    image_text: str = IMAGE_TAG  # what a prompt holds for one image before the processor expands it
+    nested_images: bool = True  # the processor takes one list of images per prompt (else one flat list)
 
     def image_token_id(self, model) -> int:
         cfg = model.config
@@ -62,18 +65,55 @@ class FamilyAdapter:
 
     def _fallback_prompt(self, processor, messages) -> str:
         image_text = getattr(processor, "image_token", IMAGE_TAG)
-        if self.name in ("qwen2_5_vl", "qwen2_vl"):
-            image_text = "<|vision_start|><|image_pad|><|vision_end|>"
+        if self.image_text != IMAGE_TAG:
+            image_text = self.image_text
         body = " ".join(image_text if c["type"] == "image" else c["text"] for c in messages[0]["content"])
         if self.name == "llava":
             return f"USER: {body} ASSISTANT:"
         return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
 
 
-QWEN2_5_VL = FamilyAdapter("qwen2_5_vl", ("qwen2_5_vl",), "Qwen2_5_VLForConditionalGeneration", True)
-QWEN2_VL = FamilyAdapter("qwen2_vl", ("qwen2_vl",), "Qwen2VLForConditionalGeneration", True)
-LLAVA = FamilyAdapter("llava", ("llava",), "LlavaForConditionalGeneration", False)
-ADAPTERS = (QWEN2_5_VL, QWEN2_VL, LLAVA)
+_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN2_5_VL = FamilyAdapter(
+    "qwen2_5_vl", ("qwen2_5_vl",), "Qwen2_5_VLForConditionalGeneration", True, True, _QWEN_IMAGE, False
+)
+QWEN2_VL = FamilyAdapter(
+    "qwen2_vl", ("qwen2_vl",), "Qwen2VLForConditionalGeneration", True, True, _QWEN_IMAGE, False
+)
+LLAVA = FamilyAdapter("llava", ("llava",), "LlavaForConditionalGeneration", False, nested_images=False)
+# Newer families (docs/families.md: layouts and which positions count as image).
+QWEN3_VL = FamilyAdapter(
+    "qwen3_vl", ("qwen3_vl",), "Qwen3VLForConditionalGeneration", True, True, _QWEN_IMAGE
+)
+GEMMA3 = FamilyAdapter(
+    "gemma3", ("gemma3",), "Gemma3ForConditionalGeneration", False, False, "<start_of_image>"
+)
+INTERNVL = FamilyAdapter(
+    "internvl", ("internvl",), "InternVLForConditionalGeneration", False, True, "<IMG_CONTEXT>"
+)
+IDEFICS3 = FamilyAdapter("idefics3", ("idefics3",), "Idefics3ForConditionalGeneration", False)
+SMOLVLM = FamilyAdapter("smolvlm", ("smolvlm",), "SmolVLMForConditionalGeneration", False, True)
+LLAVA_ONEVISION = FamilyAdapter(
+    "llava_onevision", ("llava_onevision",), "LlavaOnevisionForConditionalGeneration", False, True
+)
+# Hybrid: Gated DeltaNet (linear attention) layers with a softmax-attention layer every 4th.
+QWEN3_5 = FamilyAdapter("qwen3_5", ("qwen3_5",), "Qwen3_5ForConditionalGeneration", True, True, _QWEN_IMAGE)
+ADAPTERS = (
+    QWEN2_5_VL,
+    QWEN2_VL,
+    LLAVA,
+    QWEN3_VL,
+    GEMMA3,
+    INTERNVL,
+    IDEFICS3,
+    SMOLVLM,
+    LLAVA_ONEVISION,
+    QWEN3_5,
+)
+_FAMILY_NAMES = (
+    "Qwen2.5-VL, Qwen2-VL, LLaVA, Qwen3-VL, Gemma 3, InternVL, Idefics3, SmolVLM, LLaVA-OneVision "
+    "and Qwen3.5 (its softmax-attention layers)"
+)
 
 
 def supported_model_types() -> list[str]:
@@ -87,5 +127,5 @@ def adapter_for(model_type: str) -> FamilyAdapter:
             return adapter
     raise ValueError(
         f"unsupported architecture {model_type!r}: dyco_probe supports "
-        f"{', '.join(supported_model_types())} (Qwen2.5-VL, Qwen2-VL and LLaVA families)"
+        f"{', '.join(supported_model_types())} ({_FAMILY_NAMES} families)"
     )

@@ -22,7 +22,8 @@ class ModelHandle:
 
     Attributes:
         model: the ``transformers`` model, in eval mode.
-        processor: its processor (tokenizer + image processor; image-only for Qwen families).
+        processor: its processor (tokenizer + image processor; image-only where the stock one needs
+            torchvision or num2words for video).
         adapter: the family adapter (prompt format, image token).
         source: ``"builtin"`` or the checkpoint path.
     """
@@ -67,8 +68,9 @@ class ModelHandle:
         if completions is not None:
             texts = [p + " " + c if c else p for p, c in zip(prompts, completions)]
         flat = [im for ims in images for im in ims]
+        given = [list(ims) for ims in images] if self.adapter.nested_images and flat else flat
         batch = self.processor(
-            images=flat or None, text=texts, return_tensors="pt", padding=True, padding_side="left"
+            images=given or None, text=texts, return_tensors="pt", padding=True, padding_side="left"
         )
         if self.adapter.uses_mm_token_type_ids and "mm_token_type_ids" not in batch:
             batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).long()
@@ -102,13 +104,29 @@ def weights_sha256(source: str | os.PathLike) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def _load_tokenizer(path: Path):
+    """`AutoTokenizer`, except that a tokenizer saved as the generic `TokenizersBackend` is loaded as
+    one: for some model types (qwen3_5) transformers imposes the family's own BPE tokenizer class,
+    which would rebuild another vocabulary's pre-tokenizer around a word-level one."""
+    from transformers import AutoTokenizer, TokenizersBackend
+
+    config = path / "tokenizer_config.json"
+    saved = json.loads(config.read_text()).get("tokenizer_class") if config.exists() else None
+    if saved == "TokenizersBackend":
+        return TokenizersBackend.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def _load_processor(path: Path, adapter: FamilyAdapter):
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoProcessor
 
-    if adapter.name in ("qwen2_5_vl", "qwen2_vl"):
-        from dyco_probe.models.processor import ImageOnlyQwen2_5_VLProcessor
+    if adapter.image_only_processor:
+        import inspect
 
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        from dyco_probe.models.processor import image_only_processor_class
+
+        cls = image_only_processor_class(adapter.name)
+        tokenizer = _load_tokenizer(path)
         image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
         chat_template = getattr(tokenizer, "chat_template", None)
         for name in ("chat_template.jinja", "chat_template.json"):
@@ -118,10 +136,17 @@ def _load_processor(path: Path, adapter: FamilyAdapter):
                 chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
                 break
         processor_cfg = path / "processor_config.json"
-        if chat_template is None and processor_cfg.exists():
-            chat_template = json.loads(processor_cfg.read_text()).get("chat_template")
-        return ImageOnlyQwen2_5_VLProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+        saved = json.loads(processor_cfg.read_text()) if processor_cfg.exists() else {}
+        if chat_template is None:
+            chat_template = saved.get("chat_template")
+        # the processor's own settings (image_seq_len, num_image_tokens...), as a stock load reads them
+        accepted = set(inspect.signature(cls.__init__).parameters) | set(
+            inspect.signature(cls.__mro__[1].__init__).parameters
+        )
+        accepted -= {"self", "image_processor", "tokenizer", "video_processor", "chat_template", "kwargs"}
+        options = {k: v for k, v in saved.items() if k in accepted}
+        return cls(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **options
         )
     return AutoProcessor.from_pretrained(path, local_files_only=True)
 
@@ -136,8 +161,10 @@ def load(
     """Load ``"builtin"`` or a local checkpoint directory into a :class:`ModelHandle`.
 
     Args:
-        source: ``"builtin"`` (the shipped tiny Qwen2.5-VL) or a path to a local checkpoint of the
-            Qwen2.5-VL, Qwen2-VL or LLaVA families (e.g. a downloaded Qwen2.5-VL-3B-Instruct).
+        source: ``"builtin"`` (the shipped tiny Qwen2.5-VL) or a path to a local checkpoint of a
+            supported family (``dyco_probe.models.adapters.ADAPTERS``: Qwen2.5-VL, Qwen2-VL, LLaVA,
+            Qwen3-VL, Gemma 3, InternVL, Idefics3, SmolVLM, LLaVA-OneVision), e.g. a downloaded
+            Qwen2.5-VL-3B-Instruct.
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``...
         dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``.
         attn_implementation: attention for the whole model; tracing swaps in its own function for

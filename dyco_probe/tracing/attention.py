@@ -12,18 +12,24 @@ Hook contract
 - `call.layer_idx`; `call.query` `[B, H, Q, D]` (after RoPE), `call.key` / `call.value`
   `[B, H_kv, K, D]` (KV cache included, GQA not expanded); `call.mask` as transformers built it;
   `call.scaling`; `call.query_columns` `[Q]`: the sequence column of each query row (padding
-  included, the same columns as `input_ids` / `generate`'s output). Keys are columns `0..K-1`.
-  Prefill: `Q = K = prompt length`, query rows = columns. Decode step: `Q = 1`, its column `K - 1`.
-  Image / text key columns of each sample come from `dyco_probe.spans` (`Spans.image_mask(K)`...).
+  included, the same columns as `input_ids` / `generate`'s output). Keys are columns
+  `key_offset..key_offset+K-1`; `key_offset` is 0 unless a sliding-window cache layer (Gemma 3's
+  local layers) has dropped the columns its window can no longer see, and `call.num_columns`
+  (`key_offset + K`) is the number of columns so far.
+  Prefill: `Q = K = prompt length`, query rows = columns. Decode step: `Q = 1`, its column
+  `num_columns - 1`. Image / text key columns of each sample come from `dyco_probe.spans`
+  (`Spans.image_mask(call.num_columns)`...).
 - It may call, any number of times:
-  * `call.add_logit_bias(bias, rows=None)`: add `bias` (broadcastable to `[B, H, R, K]`, R = len(rows))
+  * `call.add_logit_bias(bias, rows=None)`: add `bias` (broadcastable to `[B, H, R, K]`, R = len(rows);
+    a last dimension of `num_columns` is also accepted and cropped to the keys present)
     to the attention logits `q·kᵀ·scaling + mask` of query `rows` (indices into this call's Q rows,
     negative allowed, distinct; `None` = all rows) before the softmax. `-inf` (or the dtype minimum)
     knocks keys out and the rest renormalises; `log λ` turns a share `p` into `λp / (λp + 1 − p)`;
     zeros leave heads / keys untouched (a bias of 0 is a no-op, up to float rounding). Several biases
     add up. Per-head or per-sample biases: use the H or B dimension.
-  * `call.request_probs(rows, callback)`: `callback(probs)` with `probs` `[B, H, R, K]` float32,
-    biases of this call included, padding keys exactly 0; called before the layer returns.
+  * `call.request_probs(rows, callback)`: `callback(probs)` with `probs` `[B, H, R, num_columns]`
+    float32 over every column so far, biases of this call included, padding keys and columns a
+    sliding-window cache dropped exactly 0; called before the layer returns.
   * `call.logits(rows)`: the unbiased logits `[B, H, R, K]` float32 (mask included), right away.
   * `call.edit_output(fn)`: replace the layer's attention output before `o_proj`, `[B, Q, H, D]`,
     by `fn(output)` (activation patching of heads; edits apply in order, after biases).
@@ -57,7 +63,10 @@ __all__ = [
     "AttentionCall",
     "AttentionHook",
     "attention_hooks",
+    "attention_layers",
+    "check_attention_layers",
     "explicit_attention_rows",
+    "linear_attention_layers",
     "text_attention_modules",
 ]
 
@@ -79,8 +88,10 @@ class AttentionCall:
         mask: the mask transformers built for this call, unchanged: `None` (plain causal, no padding),
             a bool `[B|1, 1, Q, K]` (True = attend) or an additive float mask.
         scaling: logit scale (`head_dim ** -0.5`).
-        query_columns: `[Q]` long, the key-axis column (sequence position incl. padding) of each query:
-            `K - Q + arange(Q)` (a property).
+        key_offset: the column of key 0: 0, or the number of leading columns a sliding-window cache
+            layer no longer holds.
+        query_columns: `[Q]` long, the column (sequence position incl. padding) of each query:
+            `key_offset + K - Q + arange(Q)` (a property).
     """
 
     layer_idx: int
@@ -90,14 +101,25 @@ class AttentionCall:
     value: Tensor
     mask: Tensor | None
     scaling: float
+    key_offset: int = 0
     _biases: list[tuple[Tensor | None, Tensor]] = field(default_factory=list)
     _requests: list[tuple[Tensor, Callable[[Tensor], None]]] = field(default_factory=list)
     _edits: list[Callable[[Tensor], Tensor]] = field(default_factory=list)
 
     @property
     def query_columns(self) -> Tensor:
-        k, q = self.key.shape[2], self.query.shape[2]
+        k, q = self.num_columns, self.query.shape[2]
         return torch.arange(k - q, k, device=self.query.device)
+
+    @property
+    def key_columns(self) -> Tensor:
+        """`[K]` long: the column of each key."""
+        return torch.arange(self.key_offset, self.num_columns, device=self.query.device)
+
+    @property
+    def num_columns(self) -> int:
+        """Columns so far, `key_offset + K` (= K unless a sliding-window cache dropped some)."""
+        return self.key_offset + self.key.shape[2]
 
     @property
     def num_heads(self) -> int:
@@ -135,6 +157,8 @@ class AttentionCall:
             rows = self._rows(rows)
             if torch.unique(rows).numel() != rows.numel():
                 raise ValueError("add_logit_bias: rows must be distinct")
+        if self.key_offset and bias.ndim and bias.shape[-1] == self.num_columns:
+            bias = bias[..., self.key_offset :]  # given over every column: keep the keys present
         self._biases.append((rows, bias))
 
     def request_probs(self, rows: Sequence[int] | Tensor, callback: Callable[[Tensor], None]) -> None:
@@ -158,12 +182,21 @@ class AttentionCall:
         """The additive float32 mask of query `rows`, `[B|1, 1, R, K]`: 0 where visible, dtype-min elsewhere."""
         if self.mask is None and self.num_queries == 1:  # a decode step without padding sees every key
             return torch.zeros((), dtype=torch.float32, device=self.query.device)
-        return _mask_rows(self.mask, rows, self.query_columns, self.key.shape[2], self.query.device)
+        return _mask_rows(self.mask, rows, self.query_columns, self.key_columns, self.query.device)
+
+    def _padded(self, probs: Tensor) -> Tensor:
+        """`[..., K]` -> `[..., num_columns]`, zeros in front for columns the cache dropped."""
+        if not self.key_offset:
+            return probs
+        return torch.nn.functional.pad(probs, (self.key_offset, 0))
 
 
-def _mask_rows(mask: Tensor | None, rows: Tensor, query_columns: Tensor, num_keys: int, device) -> Tensor:
+def _mask_rows(
+    mask: Tensor | None, rows: Tensor, query_columns: Tensor, key_columns: Tensor, device
+) -> Tensor:
     neg = torch.finfo(torch.float32).min
-    cols = torch.arange(num_keys, device=device)
+    num_keys = key_columns.shape[0]
+    cols = key_columns.to(device)
     causal = cols[None, :] <= query_columns[rows][:, None]  # [R, K]
     if mask is None:
         visible = causal[None, None]
@@ -278,8 +311,13 @@ class _Session:
         self._saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in self.configs]
         for c in self.configs:
             c._attn_implementation_internal = self.name
+        # Columns seen by the decoder's current forward (cache + new), for sliding-window caches
+        # that hand the attention fewer keys than columns.
+        self.columns: int | None = None
+        self._pre_hook = decoder.register_forward_pre_hook(_columns_hook(session), with_kwargs=True)
 
     def close(self) -> None:
+        self._pre_hook.remove()
         for c, value in self._saved:
             c._attn_implementation_internal = value
         for registry in self._registries:
@@ -295,6 +333,11 @@ class _Session:
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
         scaling = module.scaling if scaling is None else scaling
+        if kwargs.get("softcap") is not None:
+            raise NotImplementedError("attention logit soft-capping is not supported by the dyco_probe hooks")
+        offset = 0
+        if self.columns is not None and self.columns > key.shape[2]:
+            offset = self.columns - key.shape[2]
         call = AttentionCall(
             layer_idx=module.layer_idx,
             module=module,
@@ -303,6 +346,7 @@ class _Session:
             value=value,
             mask=attention_mask,
             scaling=scaling,
+            key_offset=offset,
         )
         for hook in hooks:
             hook(call)
@@ -312,7 +356,7 @@ class _Session:
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
             for rows, callback in call._requests:
-                callback(_probs_in_chunks(call, rows, None))
+                callback(call._padded(_probs_in_chunks(call, rows, None)))
         else:
             out, weights = _biased_forward(self.base, call, module, attention_mask, dropout, kwargs)
         for fn in call._edits:
@@ -366,8 +410,25 @@ def _biased_forward(base, call: AttentionCall, module, attention_mask, dropout, 
         if missing:  # requested rows without a bias: softmax of the plain logits
             extra = _probs_in_chunks(call, torch.tensor(missing, device=query.device), call._biases)
             kept.update({r: extra[:, :, j] for j, r in enumerate(missing)})
-        callback(torch.stack([kept[r] for r in rows.tolist()], dim=2))
+        callback(call._padded(torch.stack([kept[r] for r in rows.tolist()], dim=2)))
     return out, weights
+
+
+def _columns_hook(session):
+    """A decoder forward pre-hook recording the columns of the forward: cached + new."""
+
+    def hook(module, args, kwargs):
+        s = session()
+        if s is None:
+            return
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        new = embeds.shape[1] if embeds is not None else (ids.shape[1] if ids is not None else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        s.columns = None if new is None else int(past) + int(new)
+
+    return hook
 
 
 _SESSIONS: weakref.WeakKeyDictionary[nn.Module, _Session] = weakref.WeakKeyDictionary()
@@ -381,15 +442,45 @@ def _text_decoder(model: nn.Module) -> nn.Module:
 
 
 def text_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention module of every text decoder layer, in layer order."""
+    """The softmax self-attention module of every text decoder layer that has one, in layer order.
+
+    Layers whose token mixer is linear attention (Qwen3.5's Gated DeltaNet: a `linear_attn` module)
+    have no attention row and are left out; their indices are `linear_attention_layers(model)`.
+    """
     decoder = _text_decoder(model)
     modules = []
     for layer in decoder.layers:
         attn = getattr(layer, "self_attn", None)
+        if attn is None and getattr(layer, "linear_attn", None) is not None:
+            continue
         if attn is None or not hasattr(attn, "layer_idx"):
             raise TypeError(f"decoder layer {type(layer).__name__} has no self_attn with a layer_idx")
         modules.append(attn)
     return modules
+
+
+def attention_layers(model: nn.Module) -> tuple[int, ...]:
+    """Indices of the text decoder layers with softmax attention (all of them but in hybrid models)."""
+    return tuple(int(m.layer_idx) for m in text_attention_modules(model))
+
+
+def linear_attention_layers(model: nn.Module) -> tuple[int, ...]:
+    """Indices of the text decoder layers whose token mixer is linear attention (no attention row)."""
+    decoder = _text_decoder(model)
+    return tuple(i for i, layer in enumerate(decoder.layers) if getattr(layer, "self_attn", None) is None)
+
+
+def check_attention_layers(model: nn.Module, layers: Iterable[int]) -> None:
+    """Raise a `ValueError` naming the `layers` that have no softmax attention to trace or bias."""
+    linear = set(linear_attention_layers(model))
+    bad = sorted(int(i) for i in layers if int(i) in linear)
+    if bad:
+        decoder = _text_decoder(model)
+        mixer = type(getattr(decoder.layers[bad[0]], "linear_attn", decoder.layers[bad[0]])).__name__
+        raise ValueError(
+            f"layer(s) {bad} of {type(model).__name__} use linear attention ({mixer}): they have no "
+            f"attention row to trace or bias; its softmax-attention layers are {list(attention_layers(model))}"
+        )
 
 
 @contextlib.contextmanager
@@ -399,8 +490,13 @@ def attention_hooks(
     """Run `hook(call)` at the text decoder's attention `layers` (None: all) while the block runs.
 
     The model's behaviour is unchanged unless the hook adds a logit bias; on exit every trace of
-    the patch is gone (`config._attn_implementation` restored, registry entries removed).
+    the patch is gone (`config._attn_implementation` restored, registry entries removed). Asking for
+    a linear-attention layer of a hybrid model (Qwen3.5) raises a `ValueError`; None means every
+    softmax-attention layer.
     """
+    if layers is not None:
+        layers = [int(i) for i in layers]
+        check_attention_layers(model, layers)
     decoder = _text_decoder(model)
     session = _SESSIONS.get(decoder)
     created = session is None

@@ -16,7 +16,8 @@ class TraceConfig:
 
     Attributes:
         layers: probed text-decoder layers: `None` = the last one (default), `"all"`, or indices
-            (negative count from the end).
+            (negative count from the end). In hybrid models (Qwen3.5) `"all"` means every
+            softmax-attention layer; a linear-attention layer has no row and asking for it raises.
         heads: probed query heads (`None` = all); rows are averaged over them, then over layers.
         per_layer: also keep each probed layer's signals (`trace.per_layer`), besides their mean.
         text_span: `"post_image"` (default) or `"all_text"` (SPEC §1).

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..spans import Spans, image_token_id_of, spans_for_model
-from .attention import _text_decoder, attention_hooks, text_attention_modules
+from .attention import _text_decoder, attention_hooks, attention_layers, check_attention_layers
 from .backends import head_mean
 from .config import TraceConfig
 from .signals import StepSignals, reduce_rows
@@ -28,7 +28,7 @@ from .trace import SIGNAL_NAMES, Trace
 
 __all__ = ["Tracer", "trace_generate", "trace_offline"]
 
-_QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+_QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5")
 
 
 def _check_inputs(model, inputs: dict) -> None:
@@ -90,10 +90,12 @@ class _Probe:
     def __init__(self, model, config: TraceConfig, image_token_id, tokenizer, eos_token_id):
         self.model = model
         self.config = config
-        modules = text_attention_modules(_text_decoder(model))
-        self.num_layers = len(modules)
+        self.num_layers = len(_text_decoder(model).layers)
         self.num_heads = model.config.get_text_config().num_attention_heads
         self.layers = config.resolve_layers(self.num_layers)
+        if config.layers == "all":  # hybrid models (Qwen3.5): every layer that has softmax attention
+            self.layers = attention_layers(model)
+        check_attention_layers(model, self.layers)
         self.heads = config.resolve_heads(self.num_heads)
         self.image_token_id = image_token_id_of(model) if image_token_id is None else int(image_token_id)
         self.tokenizer = tokenizer
@@ -428,9 +430,10 @@ def trace_offline(
     }
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     inputs["attention_mask"] = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
-    if inputs.get("mm_token_type_ids") is not None:
-        mm = inputs["mm_token_type_ids"]
-        inputs["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(completion_ids, dtype=mm.dtype)], dim=1)
+    for key in ("mm_token_type_ids", "token_type_ids"):  # per-column: completion columns are text
+        if inputs.get(key) is not None:
+            mm = inputs[key]
+            inputs[key] = torch.cat([mm, torch.zeros_like(completion_ids, dtype=mm.dtype)], dim=1)
     position_ids = _generation_position_ids(model, input_ids, inputs)
     if position_ids is not None:
         inputs["position_ids"] = position_ids

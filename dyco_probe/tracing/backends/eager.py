@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..attention import _text_decoder, text_attention_modules
+from ..attention import _text_decoder, attention_layers, check_attention_layers, text_attention_modules
 from . import head_mean, left_as_found
 
 __all__ = ["rows"]
@@ -31,7 +31,10 @@ def rows(model, inputs: dict, *, layers, heads, query_columns: Tensor, **options
         for c, value in saved:
             c._attn_implementation_internal = value
     attentions = out.attentions
-    if attentions is None or len(attentions) != len(decoder.layers):
-        raise RuntimeError("the model did not return one attention matrix per text decoder layer")
+    softmax_layers = attention_layers(decoder)  # all layers, but in hybrid models (Qwen3.5)
+    if attentions is None or len(attentions) != len(softmax_layers):
+        raise RuntimeError("the model did not return one attention matrix per softmax-attention layer")
+    check_attention_layers(decoder, layers)
+    by_layer = dict(zip(softmax_layers, attentions))
     cols = query_columns.to(attentions[0].device)
-    return torch.stack([head_mean(attentions[layer][:, :, cols].float(), heads) for layer in layers], dim=1)
+    return torch.stack([head_mean(by_layer[layer][:, :, cols].float(), heads) for layer in layers], dim=1)
