@@ -762,7 +762,9 @@ def _evaluate(handle, examples, config: RLConfig, step: int) -> dict:
         from dyco_probe.task.notes import note_summary
 
         record.update(
-            note_summary(problems, [r["completion"] for r in res.records], [r["correct"] for r in res.records])
+            note_summary(
+                problems, [r["completion"] for r in res.records], [r["correct"] for r in res.records]
+            )
         )
     return record
 

@@ -13,7 +13,6 @@ from dyco_probe.task.problems import (
     NO_NOTES,
     NOTE,
     TaskConfig,
-    generate_problem,
     label_words,
     make_split,
     teacher_chain,

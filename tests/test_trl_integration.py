@@ -106,10 +106,15 @@ def test_sequence_granularity_and_dapo_loss(checkpoint, tmp_path):
     )
     trainer.seen = []
     trainer.train()
+    checked = 0
     for seq_adv, _, mask, adv in trainer.seen:
-        factor = adv[:, 0] / seq_adv  # one factor per completion, in the clamp range
+        moved = seq_adv != 0  # a group without reward spread has no advantage to reweight
+        factor = adv[moved, 0] / seq_adv[moved]  # one factor per completion, in the clamp range
         assert ((factor > 0.8 - 1e-5) & (factor < 1.2 + 1e-5)).all()
-        torch.testing.assert_close(adv, factor[:, None] * seq_adv[:, None] * mask)
+        torch.testing.assert_close(adv[moved], factor[:, None] * seq_adv[moved, None] * mask[moved])
+        assert (adv[~moved] == 0).all()
+        checked += int(moved.sum())
+    assert checked > 0
 
 
 def test_off_is_plain_grpo(checkpoint, tmp_path):
