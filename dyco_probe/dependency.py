@@ -33,6 +33,7 @@ __all__ = [
     "check_thresholds",
     "dependency_roles",
     "group_auroc",
+    "held_out_thresholds",
     "k3_divergence",
     "kl_divergence",
     "next_token_divergence",
@@ -141,6 +142,32 @@ def best_thresholds(
             if f1 > best["macro_f1"]:
                 best = {"visual_above": float(hi), "text_below": float(lo), "macro_f1": f1}
     return best
+
+
+def held_out_thresholds(
+    score: Tensor,
+    truth: Tensor,
+    mask: Tensor,
+    grid: Sequence[float],
+    *,
+    neutral: str = "excluded",
+    seed: int = 0,
+) -> dict:
+    """Thresholds chosen on one random half of the rows (`best_thresholds`) and scored on the other,
+    both ways. Returns `{"chosen": [(visual_above, text_below), ...], "macro_f1"}` (the mean of the two
+    held-out macro F1s)."""
+    from .labellers import compare_roles
+
+    b = score.shape[0]
+    perm = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
+    halves = (perm[: b // 2], perm[b // 2 :])
+    chosen, f1s = [], []
+    for fit, test in (halves, halves[::-1]):
+        best = best_thresholds(score[fit], truth[fit], mask[fit], grid, neutral=neutral)
+        chosen.append((best["visual_above"], best["text_below"]))
+        roles = dependency_roles(score[test], mask[test], *chosen[-1])
+        f1s.append(compare_roles(roles, truth[test], mask[test], neutral=neutral)["macro_f1"])
+    return {"chosen": chosen, "macro_f1": sum(f1s) / len(f1s)}
 
 
 def group_auroc(

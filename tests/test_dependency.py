@@ -11,6 +11,7 @@ from dyco_probe.dependency import (
     check_thresholds,
     dependency_roles,
     group_auroc,
+    held_out_thresholds,
     k3_divergence,
     kl_divergence,
     next_token_divergence,
@@ -96,6 +97,16 @@ def test_best_thresholds_find_a_separating_pair():
     # neutral excluded: every pair that separates visual from text scores 1
     two = best_thresholds(score, truth, mask, grid, neutral="excluded")
     assert two["macro_f1"] == 1.0 and two["text_below"] <= two["visual_above"]
+
+
+def test_held_out_thresholds_are_chosen_on_the_other_half():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randint(1, 3, (40, 6), generator=g)  # visual or text
+    score = torch.where(truth == V, 2.0, 0.01) * torch.rand(40, 6, generator=g).add(0.5)
+    mask = torch.ones_like(score, dtype=torch.bool)
+    out = held_out_thresholds(score, truth, mask, (0.0, 0.1, 0.5, 1.0, 5.0))
+    assert out["macro_f1"] == 1.0 and len(out["chosen"]) == 2
+    assert all(0.015 <= lo <= hi < 1.0 for hi, lo in out["chosen"])
 
 
 def test_group_auroc():
