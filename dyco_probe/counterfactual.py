@@ -349,6 +349,7 @@ def dependency_auroc(
     negative: Tensor,
     *,
     examples: Sequence | None = None,
+    clusters: Sequence | str | None = "example",
     n_boot: int = 1000,
     seed: int = 0,
     **options,
@@ -361,7 +362,10 @@ def dependency_auroc(
         source: a `Trace` (rows matched to `examples`, or rebuilt from its synthetic records, as
             `dyco_probe.labellers.examples_for`) or intervention `Trajectories` (its own examples).
         positive, negative: `[B, T]` bool token groups, laid out like the source's completion tokens.
-        n_boot, seed: bootstrap resamples (stratified, over tokens) and their seed.
+        clusters: what the bootstrap resamples: `"example"` (default: every row's example id, so the
+            completions and tokens of one example count once), one id per row, or `None` (tokens,
+            stratified by group).
+        n_boot, seed: bootstrap resamples and their seed.
         options: `visual_dependency_scores` options (counterfactual, divergence, ...).
 
     Returns:
@@ -375,8 +379,17 @@ def dependency_auroc(
         rows, ids, mask = examples_for(source, examples), source.token_ids, source.mask
     score = visual_dependency_scores(handle, rows, ids, mask, **options)
     mask = mask.bool()
+    if isinstance(clusters, str):
+        if clusters != "example":
+            raise ValueError(f"clusters must be 'example', one id per row or None, got {clusters!r}")
+        clusters = [str(ex.id) for ex in rows]
     out = group_auroc(
-        score, positive.cpu().bool() & mask, negative.cpu().bool() & mask, n_boot=n_boot, seed=seed
+        score,
+        positive.cpu().bool() & mask,
+        negative.cpu().bool() & mask,
+        clusters=clusters,
+        n_boot=n_boot,
+        seed=seed,
     )
     out["score"] = score
     return out

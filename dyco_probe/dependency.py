@@ -171,19 +171,29 @@ def held_out_thresholds(
 
 
 def group_auroc(
-    score: Tensor, positive: Tensor, negative: Tensor, *, n_boot: int = 1000, seed: int = 0
+    score: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    *,
+    clusters: Sequence | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> dict:
     """How well a per-token score separates two groups of tokens: the AUROC of `positive` tokens
-    (scoring high) against `negative` ones, with a stratified bootstrap 95% interval over tokens
+    (scoring high) against `negative` ones, with a percentile-bootstrap 95% interval
     (`dyco_probe.analysis.auroc_ci`).
 
     Args:
         score: `[B, T]` per-token score (e.g. visual dependency).
         positive, negative: `[B, T]` bool, the two groups (e.g. look-ups that read the image vs those
             that copied a note); a token in both is an error, tokens in neither are ignored.
+        clusters: one id per row (e.g. its example's id, when an example has several completions):
+            whole clusters are resampled, so the tokens of one example do not count as independent
+            evidence. Default: tokens resampled within each group (stratified).
 
     Returns:
-        `{"auroc", "ci_low", "ci_high", "n_pos", "n_neg"}` (NaNs when a group is empty).
+        `{"auroc", "ci_low", "ci_high", "n_pos", "n_neg"}` (NaNs when a group is empty), plus
+        `"n_clusters"` with clusters.
     """
     from .analysis import auroc_ci
 
@@ -195,6 +205,17 @@ def group_auroc(
     if (positive & negative).any():
         raise ValueError("a token is in both groups")
     keep = positive | negative
+    ids = None
+    if clusters is not None:
+        if len(clusters) != score.shape[0]:
+            raise ValueError(f"{len(clusters)} cluster ids for {score.shape[0]} rows")
+        codes = {c: k for k, c in enumerate(dict.fromkeys(clusters))}
+        per_row = torch.tensor([codes[c] for c in clusters])
+        ids = per_row[:, None].expand_as(score)[keep.cpu()].numpy()
     return auroc_ci(
-        score[keep].double().cpu().numpy(), positive[keep].cpu().numpy(), n_boot=n_boot, seed=seed
+        score[keep].double().cpu().numpy(),
+        positive[keep].cpu().numpy(),
+        n_boot=n_boot,
+        seed=seed,
+        clusters=ids,
     )

@@ -123,3 +123,12 @@ def test_group_auroc():
         group_auroc(score, pos[:1], neg, n_boot=10)
     empty = group_auroc(score, pos, torch.zeros_like(neg), n_boot=10)
     assert math.isnan(empty["auroc"]) and empty["n_neg"] == 0
+    # clusters: whole rows (here two per example) are resampled; the point estimate is the same
+    mixed = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.7, 0.6], [0.8, 0.3, 0.4], [0.1, 0.9, 0.2]])
+    p4 = torch.tensor([[True, False, False], [True, False, False], [True, False, True], [False, True, False]])
+    n4 = torch.tensor([[False, True, True], [False, True, True], [False, True, False], [True, False, True]])
+    flat = group_auroc(mixed, p4, n4, n_boot=200)
+    grouped = group_auroc(mixed, p4, n4, clusters=["a", "a", "b", "b"], n_boot=200)
+    assert grouped["auroc"] == flat["auroc"] and grouped["n_clusters"] == 2 and "n_clusters" not in flat
+    with pytest.raises(ValueError, match="3 cluster ids for 4 rows"):
+        group_auroc(mixed, p4, n4, clusters=["a", "b", "c"])
