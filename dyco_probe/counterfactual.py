@@ -221,7 +221,21 @@ def dependency_from_inputs(
             cf = _logits(model, counterfactual_inputs, ids, mask)
     finally:
         model.train(was_training)
-    return next_token_divergence(real, cf, ids, mask, divergence=divergence, temperature=temperature)
+    # a few rows at a time: the float32 log-softmaxes of [rows, T, vocab] are the largest tensors here
+    step = 4
+    return torch.cat(
+        [
+            next_token_divergence(
+                real[i : i + step],
+                cf[i : i + step],
+                ids[i : i + step],
+                mask[i : i + step],
+                divergence=divergence,
+                temperature=temperature,
+            )
+            for i in range(0, ids.shape[0], step)
+        ]
+    )
 
 
 def with_images(prompt_inputs: dict, processor, images: Sequence[Sequence], names: Sequence[str]) -> dict:
