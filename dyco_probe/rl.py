@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import json
 import math
 import os
@@ -115,7 +116,8 @@ class RLConfig:
             batch's rollout, e.g. ``"visual_dependency"`` (one extra teacher-forced forward per batch,
             real and counterfactual image together) or ``"ground_truth"`` (synthetic task, an oracle).
             ``s_t`` still reads the traced attention ratios.
-        role_options: options of that labeller (e.g. ``{"counterfactual": "patches"}``).
+        role_options: options of that labeller (e.g. ``{"counterfactual": "patches"}``); a labeller
+            that compares next-token distributions gets the sampling ``temperature`` unless they set one.
         trace_when_off: also trace and score baseline runs, for the role and ``s_t`` metrics only
             (costs the tracing time; advantages unchanged).
 
@@ -280,6 +282,14 @@ class RLConfig:
     def traces(self) -> bool:
         """Whether sampling traces attention (DyCo on, or baseline metrics asked for)."""
         return self.dyco != "off" or self.trace_when_off
+
+    def labeller_options(self) -> dict:
+        """``role_options``, and the sampling temperature for a labeller that compares next-token
+        distributions (``visual_dependency``), unless the options set one."""
+        options = dict(self.role_options)
+        if "temperature" in inspect.signature(get_labeller(self.roles)).parameters:
+            options.setdefault("temperature", self.temperature)
+        return options
 
     def scorer(self) -> ScorerConfig:
         return ScorerConfig(
@@ -981,7 +991,11 @@ def train(
                 if config.roles != "fisher_rao" and rollout.signals is not None:
                     t0 = time.perf_counter()
                     roles = rollout_roles(
-                        handle, rollout, config.roles, config.role_options, distance=config.trace_distance
+                        handle,
+                        rollout,
+                        config.roles,
+                        config.labeller_options(),
+                        distance=config.trace_distance,
                     )
                     timing["time_roles"] = time.perf_counter() - t0
                 t0 = time.perf_counter()

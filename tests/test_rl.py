@@ -273,6 +273,13 @@ def test_rollout_roles_from_any_labeller(handle, examples):
         rollout_roles(handle, dataclasses.replace(ro, signals=None), "visual_dependency")
 
 
+def test_labellers_of_distributions_get_the_sampling_temperature():
+    assert RLConfig(roles="visual_dependency", temperature=0.7).labeller_options() == {"temperature": 0.7}
+    config = RLConfig(roles="visual_dependency", temperature=0.7, role_options={"temperature": 1.0})
+    assert config.labeller_options() == {"temperature": 1.0}
+    assert RLConfig(roles="ground_truth", temperature=0.7).labeller_options() == {}
+
+
 def test_training_with_visual_dependency_roles(handle, examples, tmp_path, monkeypatch):
     import dyco_probe.rl as rl
 
