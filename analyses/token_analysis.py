@@ -1,7 +1,8 @@
 """Token-level analysis of correct vs incorrect trajectories (the paper's token analyses).
 
 Generates and traces greedy completions (or reads a saved trace), labels every token (the Fisher–Rao
-rule by default, or the synthetic task's ground truth), and compares correct with incorrect
+rule by default, the synthetic task's ground truth, or the counterfactual visual dependency), and
+compares correct with incorrect
 trajectories: role fractions, distributions of the alignment score `s_t`, the normalised visual ratio
 of visual-role tokens and text ratio of text-role tokens, the role-switch rate, and how well the
 sample score tells correct from incorrect (AUROC with a bootstrap CI). Writes to ``--out``
@@ -16,6 +17,7 @@ sample score tells correct from incorrect (AUROC with a bootstrap CI). Writes to
 
     python -m analyses.token_analysis                                   # built-in model, 200 test problems
     python -m analyses.token_analysis --roles ground_truth              # the task's true roles instead
+    python -m analyses.token_analysis --roles visual_dependency         # roles from the image counterfactual
     python -m analyses.token_analysis --trace runs/demo/trace.parquet   # a saved trace
     python -m analyses.token_analysis --model /models/Qwen2.5-VL-3B-Instruct --data my.jsonl \\
         --device cuda --dtype bfloat16 --n 500 --max-new-tokens 512     # a real checkpoint on a GPU
@@ -75,7 +77,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--trace", help="analyse this saved trace instead of generating one")
-    p.add_argument("--roles", default="fisher_rao", choices=["fisher_rao", "ground_truth"])
+    p.add_argument(
+        "--roles", default="fisher_rao", choices=["fisher_rao", "ground_truth", "visual_dependency"]
+    )
     p.add_argument("--out", default=str(ROOT / "figures"), help="where figures and tables go")
     p.add_argument("--runs", default=str(ROOT / "runs" / "token_analysis"), help="trace cache")
     p.add_argument("--prefix", default="token_analysis", help="file name prefix")
@@ -103,6 +107,11 @@ def main(argv=None) -> int:
 
             tokenizer = load_tokenizer(trace.metadata.get("model_source") or args.model)
         roles = dp.get_labeller("ground_truth")(trace, examples=examples, tokenizer=tokenizer)
+    elif args.roles == "visual_dependency":  # runs the trace's model, real and blank image (its defaults)
+        handle = dp.load(
+            trace.metadata.get("model_source") or args.model, device=args.device, dtype=args.dtype
+        )
+        roles = dp.get_labeller("visual_dependency")(trace, examples=examples, handle=handle)
     result = analyse_tokens(trace, roles=roles, roles_name=args.roles, n_boot=args.n_boot)
 
     out = Path(args.out)

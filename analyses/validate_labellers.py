@@ -19,13 +19,22 @@ ground truth of the task's grammar (`dyco_probe.task.alignment`). Writes to ``fi
 - ``labeller_validation.{png,pdf}``: F1 per role and macro F1 (95% bootstrap interval) of every labeller,
   neutral tokens excluded and included (`dyco_probe.viz.plot_labeller_validation`);
 - ``labeller_delta_by_role.{png,pdf}``: the distribution of Δ = v_vis − v_txt by true role, and the
-  attention-peak share per layer.
+  attention-peak share per layer;
+- ``labeller_dependency.md`` / ``.csv``, ``labeller_dependency_thresholds.csv`` and
+  ``labeller_dependency_vs_delta.{png,pdf}``: the counterfactual labeller (``visual_dependency``) for each
+  counterfactual image and divergence: P / R / F1 per role and macro F1 (95% CI) at the library's default
+  thresholds, the AUROC of its score for visual tokens, thresholds chosen on this set and on one half
+  scored on the other, how its visual tokens overlap the Fisher–Rao rule's, and per token the rule's Δ
+  against the dependency score by true role. Its rows at the default thresholds (KL) also join the main
+  table. ``--only dependency`` computes this part alone (no per-distance or per-layer traces); on the
+  ``val`` split it is how the defaults were chosen.
 
 Traces are cached in ``--runs``, keyed by the weights' hash, split, n and token budget (reruns reuse
 them; ``api.trace`` resumes an interrupted generation).
 
     python -m analyses.validate_labellers                   # built-in model, 500 test examples
     python -m analyses.validate_labellers --model path/to/checkpoint --n 200
+    python -m analyses.validate_labellers --only dependency --split val --n 300 --out runs/dependency-val
 """
 
 from __future__ import annotations
@@ -44,6 +53,10 @@ TAU_VIS_GRID = (-0.1, -0.05, -0.02, -0.01, -0.005) + TAU_TXT_GRID
 THETA_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))
 DEFAULT_TAU = (0.0, 0.05)
 BOOTSTRAP = 500
+COUNTERFACTUALS = ("blank", "patches", "swap")
+DIVERGENCES = ("kl", "k3")
+# dependency thresholds (nats), for visual_above and text_below alike
+DEPENDENCY_GRID = (0.0, 1e-4, 1e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 # -- traces -------------------------------------------------------------------------------------------
@@ -88,6 +101,8 @@ def collect(args) -> dict:
         ).trace
 
     main = cached(runs / "traced.parquet", online)
+    if args.only == "dependency":
+        return {"handle": handle, "examples": examples, "online": main, "runs": runs}
     ids = [main.token_ids[i][main.mask[i]].tolist() for i in range(main.batch_size)]
 
     def offline(config):
@@ -118,6 +133,7 @@ def collect(args) -> dict:
         "handle": handle,
         "examples": examples,
         "online": main,
+        "runs": runs,
         "by_distance": by_distance,
         "by_layer": by_layer,
     }
@@ -272,6 +288,233 @@ def visual_token_peaks(trace, relevant, objects, predictions, truth) -> list[dic
             }
         )
     return out
+
+
+# -- visual dependency (counterfactual labeller) ------------------------------------------------------
+
+
+def counterfactual_name(cf: str, args) -> str:
+    return f"patches {args.mask_fraction}" if cf == "patches" else cf
+
+
+def dependency_scores(args, data) -> dict:
+    """`{(counterfactual, divergence): [B, T] score}` of the online trace's tokens, cached in the runs folder."""
+    from dyco_probe.counterfactual import visual_dependency_scores
+
+    online, out = data["online"], {}
+    for cf in args.counterfactuals:
+        for div in args.divergences:
+            extra = f"_{args.mask_fraction}" if cf == "patches" else ""
+            path = data["runs"] / f"dependency_{cf}{extra}_{div}.pt"
+            if not path.exists():
+                score = visual_dependency_scores(
+                    data["handle"],
+                    data["examples"],
+                    online.token_ids,
+                    online.mask,
+                    counterfactual=cf,
+                    divergence=div,
+                    mask_fraction=args.mask_fraction,
+                    batch_size=args.batch_size,
+                )
+                torch.save(score, path)
+            out[(cf, div)] = torch.load(path)
+    return out
+
+
+def dependency_setting(cf: str, div: str, args, thresholds) -> str:
+    return f"{counterfactual_name(cf, args)}, {div}, {thresholds[0]:g} / {thresholds[1]:g}"
+
+
+def overlap(pred_a, pred_b, truth, mask) -> dict:
+    """How two labellers' visual tokens overlap, among true visual and other tokens."""
+    from dyco_probe.roles import Role
+
+    a, b = pred_a == int(Role.VISUAL), pred_b == int(Role.VISUAL)
+    out = {}
+    for name, group in (("true_visual", truth == int(Role.VISUAL)), ("other", truth != int(Role.VISUAL))):
+        g = mask.bool() & group
+        out[name] = {
+            "tokens": int(g.sum()),
+            "both": int((g & a & b).sum()),
+            "only_first": int((g & a & ~b).sum()),
+            "only_second": int((g & ~a & b).sum()),
+            "neither": int((g & ~a & ~b).sum()),
+        }
+    return out
+
+
+def dependency_section(args, data, truth, out: Path) -> tuple[list, list[str]]:
+    """The counterfactual labeller against the ground truth; writes its files, returns its predictions
+    for the main table (KL, default thresholds: `(labeller, setting, roles)`) and its Markdown."""
+    import pandas as pd
+
+    from dyco_probe.analysis import auroc_ci
+    from dyco_probe.dependency import best_thresholds, dependency_roles, held_out_thresholds
+    from dyco_probe.labellers import DEPENDENCY_DEFAULTS, get_labeller
+    from dyco_probe.roles import Role
+    from dyco_probe.viz import plot_dependency_vs_delta, save_figure
+
+    online = data["online"]
+    mask = online.mask
+    defaults = (DEPENDENCY_DEFAULTS["visual_above"], DEPENDENCY_DEFAULTS["text_below"])
+    default_cf, default_div = DEPENDENCY_DEFAULTS["counterfactual"], DEPENDENCY_DEFAULTS["divergence"]
+    scores = dependency_scores(args, data)
+    fr = get_labeller("fisher_rao")(online)
+    rows = score_rows("fisher_rao", "tau 0 / 0.05 (published)", fr, truth, mask)
+    summary, main_predictions, preds = [], [], {}
+    for (cf, div), score in scores.items():
+        setting = dependency_setting(cf, div, args, defaults)
+        pred = dependency_roles(score, mask, *defaults)
+        preds[(cf, div)] = pred
+        rows += score_rows("visual_dependency", setting, pred, truth, mask)
+        if div == "kl":
+            main_predictions.append(("visual_dependency", setting, pred))
+        auc = auroc_ci(
+            score[mask].double().numpy(), (truth[mask] == int(Role.VISUAL)).numpy(), n_boot=BOOTSTRAP
+        )
+        best = best_thresholds(score, truth, mask, DEPENDENCY_GRID, neutral="excluded")
+        held = {
+            n: held_out_thresholds(score, truth, mask, DEPENDENCY_GRID, neutral=n)
+            for n in ("excluded", "included")
+        }
+        default_f1 = {n: macro(pred, truth, mask, n) for n in ("excluded", "included")}
+        summary.append(
+            {
+                "counterfactual": counterfactual_name(cf, args),
+                "divergence": div,
+                "auroc_visual": auc["auroc"],
+                "auroc_visual_lo": auc["ci_low"],
+                "auroc_visual_hi": auc["ci_high"],
+                "median_visual": float(score[mask & (truth == int(Role.VISUAL))].median()),
+                "median_other": float(score[mask & (truth != int(Role.VISUAL))].median()),
+                "best_visual_above": best["visual_above"],
+                "best_text_below": best["text_below"],
+                "best_macro_f1_excluded": best["macro_f1"],
+                "default_macro_f1_excluded": default_f1["excluded"],
+                "default_macro_f1_included": default_f1["included"],
+                "held_out_macro_f1_excluded": held["excluded"]["macro_f1"],
+                "held_out_chosen_excluded": held["excluded"]["chosen"],
+                "held_out_macro_f1_included": held["included"]["macro_f1"],
+                "held_out_chosen_included": held["included"]["chosen"],
+            }
+        )
+    pd.DataFrame(rows).to_csv(out / "labeller_dependency.csv", index=False)
+    pd.DataFrame(summary).to_csv(out / "labeller_dependency_thresholds.csv", index=False)
+
+    key = (default_cf, default_div) if (default_cf, default_div) in scores else next(iter(scores))
+    fig = plot_dependency_vs_delta(online.v_vis - online.v_txt, scores[key], truth, mask, thresholds=defaults)
+    save_figure(fig, out / "labeller_dependency_vs_delta", close=True)
+    both = overlap(fr, preds[key], truth, mask)
+    md = dependency_markdown(args, data, truth, rows, summary, both, key, defaults, scores[key])
+    (out / "labeller_dependency.md").write_text("\n".join(md))
+    return main_predictions, md
+
+
+def dependency_markdown(args, data, truth, rows, summary, both, key, defaults, score) -> list[str]:
+    from dyco_probe.analysis import auroc
+    from dyco_probe.roles import Role
+
+    online = data["online"]
+    mask = online.mask.bool()
+    text, neutral = mask & (truth == int(Role.TEXT)), mask & (truth == int(Role.NEUTRAL))
+    tn = torch.cat([score[text], score[neutral]]).double().numpy()
+    text_over_neutral = auroc(tn, [True] * int(text.sum()) + [False] * int(neutral.sum()))
+    between = mask & (score <= defaults[0]) & (score >= defaults[1])
+    n_tokens = int(mask.sum())
+    cf_key = counterfactual_name(key[0], args)
+    fr = next(r for r in rows if r["labeller"] == "fisher_rao" and r["neutral"] == "excluded")
+    default = next(
+        r
+        for r in rows
+        if r["labeller"] == "visual_dependency"
+        and r["setting"] == dependency_setting(*key, args, defaults)
+        and r["neutral"] == "excluded"
+    )
+    tv, other = both["true_visual"], both["other"]
+    what = "greedy completions" if args.completions == "generated" else "gold chains"
+    return [
+        "# Visual dependency (counterfactual labeller) against the synthetic task's ground truth",
+        "",
+        f"Model `{args.model}` (weights sha256 {fingerprint(args.model)}…), {online.batch_size} `{args.split}` "
+        f"examples, {what}; {n_tokens} completion tokens, ground truth visual {int((truth[mask] == 1).sum())}, "
+        f"text {int((truth[mask] == 2).sum())}, neutral {int((truth[mask] == 0).sum())}.",
+        "",
+        "`visual_dependency` (`dyco_probe.labellers`, docs/visual_dependency.md): each token's divergence between "
+        "the next-token distributions with the real image and with a counterfactual one (teacher-forced on the "
+        "same tokens), visual above `visual_above`, text below `text_below`, neutral between. Counterfactuals: "
+        f"`blank` (background colour), `patches` (a random {args.mask_fraction:g} of the 28-px squares, one image "
+        "token each, blacked out), `swap` (the next example's image); divergences: `kl` (full distributions), "
+        f"`k3` (the generated token's log-probabilities). Library defaults: `{key[0]}`, `{key[1]}`, "
+        f"visual_above {defaults[0]:g}, text_below {defaults[1]:g} nats.",
+        "",
+        "## At the default thresholds (neutral tokens excluded)",
+        "",
+        *table(rows, "excluded"),
+        "",
+        "## At the default thresholds (neutral tokens included)",
+        "",
+        *table(rows, "included"),
+        "",
+        "## The score, and thresholds chosen on data",
+        "",
+        "AUROC: the score of true visual tokens against all others (95% bootstrap interval over tokens). "
+        "Best on this set: the grid pair with the highest macro F1 (neutral excluded) on these examples. Held out: "
+        "chosen on one half of the examples, scored on the other, both ways, averaged (the pairs chosen in "
+        f"brackets). Grid: {', '.join(f'{x:g}' for x in DEPENDENCY_GRID)} nats, text_below <= visual_above.",
+        "",
+        "| counterfactual | divergence | AUROC visual [95% CI] | median score: visual / other | best on this set "
+        "(F1) | default (F1 excl. / incl.) | held out, excl. | held out, incl. |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *[
+            f"| {r['counterfactual']} | {r['divergence']} | {f3(r['auroc_visual'])} [{f3(r['auroc_visual_lo'])}, "
+            f"{f3(r['auroc_visual_hi'])}] | {r['median_visual']:.3g} / {r['median_other']:.3g} | "
+            f"{r['best_visual_above']:g} / {r['best_text_below']:g} ({f3(r['best_macro_f1_excluded'])}) | "
+            f"{f3(r['default_macro_f1_excluded'])} / {f3(r['default_macro_f1_included'])} | "
+            f"{f3(r['held_out_macro_f1_excluded'])} {_pairs(r['held_out_chosen_excluded'])} | "
+            f"{f3(r['held_out_macro_f1_included'])} {_pairs(r['held_out_chosen_included'])} |"
+            for r in summary
+        ],
+        "",
+        "## Two notions of visual",
+        "",
+        "![Fisher–Rao Δ against visual dependency, per token, by true role](labeller_dependency_vs_delta.png)",
+        "",
+        f"`labeller_dependency_vs_delta.png` (`.pdf`): per token (the first of each completion left out: it has no "
+        f"Δ), the Fisher–Rao rule's Δ = v_vis − v_txt against the `{cf_key}`/`{key[1]}` dependency score "
+        "(symmetric-log scale), coloured by true role; dashed lines: the visual thresholds (tau_vis = 0; "
+        f"visual_above = {defaults[0]:g}), dotted: the text thresholds (−tau_txt; text_below). Corners: tokens per "
+        "quadrant (split at tau_vis and visual_above) and how many are truly visual.",
+        "",
+        f"Of the {tv['tokens']} true visual tokens, both call {tv['both']} visual, only the Fisher–Rao rule "
+        f"{tv['only_first']}, only the dependency score {tv['only_second']}, neither {tv['neither']}. Of the "
+        f"{other['tokens']} other tokens, both call {other['both']} visual, only the rule {other['only_first']}, "
+        f"only the dependency score {other['only_second']}.",
+        "",
+        "## Conclusion",
+        "",
+        f"- Visual vs text (neutral excluded), `{cf_key}`/`{key[1]}` at the defaults: macro F1 "
+        f"{f3(default['macro_f1'])} [{f3(default['macro_f1_lo'])}, {f3(default['macro_f1_hi'])}], visual F1 "
+        f"{f3(default['f1'])} (precision {f3(default['precision'])}, recall {f3(default['recall'])}); "
+        f"{verdict(default, fr)} the Fisher–Rao rule ({f3(fr['macro_f1'])} [{f3(fr['macro_f1_lo'])}, "
+        f"{f3(fr['macro_f1_hi'])}]).",
+        f"- Text vs neutral: median score of true text tokens {float(score[text].median()):.3g}, of neutral ones "
+        f"{float(score[neutral].median()):.3g} nats; a text token scores above a neutral one with probability "
+        f"{f3(text_over_neutral)} (AUROC), so low dependency "
+        + (
+            "marks neutral scaffolding more than text: the three-class score is limited by the neutral tokens it "
+            "calls text. "
+            if text_over_neutral > 0.5
+            else "does mark text tokens. "
+        )
+        + f"The neutral band [{defaults[1]:g}, {defaults[0]:g}] holds {int(between.sum())} tokens "
+        f"({int(between.sum()) / max(int(mask.sum()), 1):.1%}).",
+        "",
+    ]
+
+
+def _pairs(chosen) -> str:
+    return "(" + ", ".join(f"{a:g} / {b:g}" for a, b in chosen) + ")"
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -441,6 +684,11 @@ def conclusion(
         key=lambda x: -x[1] if not math.isnan(x[1]) else 0,
     )
     fr_inc = pick("fisher_rao", "tau", "included")
+    dependency = [
+        r
+        for r in rows
+        if r["labeller"] == "visual_dependency" and r["neutral"] == "excluded" and r["role"] == "visual"
+    ]
     out = [
         f"- Visual vs text (neutral tokens excluded): the SPEC §4 rule with Fisher–Rao dynamics and the published "
         f"thresholds reaches macro F1 {f3(fr['macro_f1'])} [{f3(fr['macro_f1_lo'])}, {f3(fr['macro_f1_hi'])}], "
@@ -456,6 +704,16 @@ def conclusion(
         + ", ".join(f"{d} {f3(v)}" for d, v in others)
         + f" (Fisher–Rao {f3(fr['macro_f1'])}).",
     ]
+    if dependency:
+        out.append(
+            "- Counterfactual labeller (`visual_dependency`, KL, default thresholds; `labeller_dependency.md`): "
+            + "; ".join(
+                f"{r['setting'].split(',')[0]} {f3(r['macro_f1'])} [{f3(r['macro_f1_lo'])}, {f3(r['macro_f1_hi'])}], "
+                f"{verdict(r, fr)} the Fisher–Rao rule"
+                for r in dependency
+            )
+            + "."
+        )
     last = [r for r in layer_rows if r["layer"].isdigit()][-1]
     best = max((r for r in layer_rows if r["tokens"]), key=lambda r: r["peak_share"], default=None)
     best_f1 = max(layer_rows, key=lambda r: r["macro_f1_excluded"])
@@ -557,7 +815,22 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs" / "validate_labellers"))
     parser.add_argument("--out", default=str(ROOT / "figures"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--only",
+        default="all",
+        choices=["all", "dependency"],
+        help="dependency: the counterfactual labeller alone",
+    )
+    parser.add_argument(
+        "--counterfactuals", nargs="+", default=list(COUNTERFACTUALS), choices=COUNTERFACTUALS
+    )
+    parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES), choices=DIVERGENCES)
+    parser.add_argument("--mask-fraction", type=float, default=None, help="patches (default: the library's)")
     args = parser.parse_args()
+    if args.mask_fraction is None:
+        from dyco_probe.labellers import DEPENDENCY_DEFAULTS
+
+        args.mask_fraction = DEPENDENCY_DEFAULTS["mask_fraction"]
     torch.set_num_threads(args.threads)
 
     import pandas as pd
@@ -579,8 +852,12 @@ def main() -> None:
     tok, examples, online = data["handle"].tokenizer, data["examples"], data["online"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    aligned = ground_truth_alignments(online, examples, tokenizer=tok)
     truth = get_labeller("ground_truth")(online, examples=examples, tokenizer=tok)
+    dependency_predictions, dependency_md = dependency_section(args, data, truth, out)
+    if args.only == "dependency":
+        print("\n".join(dependency_md))
+        return
+    aligned = ground_truth_alignments(online, examples, tokenizer=tok)
     relevant = relevant_image_tokens(online, aligned)
     mask = online.mask
     # every object's cell, for every token: does attention go to objects at all, or to the named one?
@@ -621,6 +898,7 @@ def main() -> None:
         ),
         ("always text", "every token text", torch.where(mask, int(Role.TEXT), 0)),
     ]
+    predictions[-1:-1] = dependency_predictions  # the counterfactual labeller (KL, default thresholds)
     rows = [r for name, setting, pred in predictions for r in score_rows(name, setting, pred, truth, mask)]
     # where the tokens each labeller calls visual look, at the probed layer (the online trace)
     peak_rows = visual_token_peaks(
@@ -706,7 +984,9 @@ def main() -> None:
         f"(last layer, all heads, `text_span=post_image`); answer accuracy {accuracy:.3f}; {n_tokens} completion "
         f"tokens, of which ground truth visual {int((truth[mask] == 1).sum())}, text {int((truth[mask] == 2).sum())}, "
         f"neutral {int((truth[mask] == 0).sum())}. The other distances' rules read teacher-forced traces of the same "
-        f"tokens with that distance (the offline Fisher–Rao trace reproduces the online one to {online_gap:.1e}).",
+        f"tokens with that distance (the offline Fisher–Rao trace reproduces the online one to {online_gap:.1e}). "
+        "`visual_dependency` rows: the counterfactual labeller (KL, default thresholds) with each counterfactual "
+        "image (`labeller_dependency.md`).",
         "",
         "Ground truth: every word of a completion gets its role from the task's grammar (`label_words`: the value "
         "read in a look-up is visual, keys, table values and arithmetic are text, scaffolding is neutral), aligned "

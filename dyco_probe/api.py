@@ -51,12 +51,14 @@ class TraceResult:
         generations: the `Generation` of each row (`None` for completions given to `trace_completions`
             as text or ids).
         tokenizer: the model's tokenizer (ground-truth labelling needs it).
+        handle: the `ModelHandle` that made the trace (labellers that run the model need it).
     """
 
     trace: Trace
     examples: list
     generations: list[Generation] | None = None
     tokenizer: object = field(default=None, repr=False)
+    handle: object = field(default=None, repr=False)
 
     @property
     def records(self) -> list[dict]:
@@ -71,7 +73,9 @@ class TraceResult:
         """Roles `[B, T]` from a labeller of `dyco_probe.labellers` (ground truth included)."""
         from .labellers import get_labeller
 
-        return get_labeller(labeller)(self.trace, examples=self.examples, tokenizer=self.tokenizer, **options)
+        return get_labeller(labeller)(
+            self.trace, examples=self.examples, tokenizer=self.tokenizer, handle=self.handle, **options
+        )
 
     def summary(self) -> dict:
         return summarize(self.trace)
@@ -381,7 +385,8 @@ def trace(
     bar.close()
     out = concat_traces(pieces)
     out.metadata = {**out.metadata, "model_source": handle.source, "generation": settings}
-    return TraceResult(out, [ex for ex in examples for _ in range(num_samples)], all_gens, handle.tokenizer)
+    rows = [ex for ex in examples for _ in range(num_samples)]
+    return TraceResult(out, rows, all_gens, handle.tokenizer, handle)
 
 
 def _trace_ids(
@@ -528,4 +533,4 @@ def trace_completions(
     bar.close()
     out = concat_traces(pieces)
     out.metadata = {**out.metadata, "model_source": handle.source, "image_mode": image_mode}
-    return TraceResult(out, examples, gens, handle.tokenizer)
+    return TraceResult(out, examples, gens, handle.tokenizer, handle)

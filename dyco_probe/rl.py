@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import json
 import math
 import os
@@ -45,6 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dyco_probe.distances import DISTANCES
+from dyco_probe.labellers import check_options, get_labeller
 from dyco_probe.losses import LOSSES, LossConfig, dynamic_sampling_mask, policy_loss
 from dyco_probe.roles import Role
 from dyco_probe.scoring import (
@@ -53,6 +56,7 @@ from dyco_probe.scoring import (
     ScorerConfig,
     dyco_advantages,
     group_advantages,
+    normalised_ratios,
     reweight_advantages,
     score_tokens,
 )
@@ -63,6 +67,7 @@ __all__ = [
     "Rollout",
     "advantages_from_trace",
     "compute_rewards",
+    "rollout_roles",
     "sample_rollout",
     "train",
 ]
@@ -106,6 +111,13 @@ class RLConfig:
         dyco: ``"token"`` (paper), ``"sequence"`` (published code) or ``"off"`` (baseline; no tracing).
         alpha, normalise_over, min_length, tau_vis, tau_txt: scorer knobs (``ScorerConfig``).
         trace_layers: probed layers (``None``: the last; ``"all"``; or indices).
+        roles: where the token roles come from: ``"fisher_rao"`` (SPEC §4 on the traced dynamics, with
+            ``tau_vis``, ``tau_txt``) or any other labeller of ``dyco_probe.labellers``, run on each
+            batch's rollout, e.g. ``"visual_dependency"`` (one extra teacher-forced forward per batch,
+            real and counterfactual image together) or ``"ground_truth"`` (synthetic task, an oracle).
+            ``s_t`` still reads the traced attention ratios.
+        role_options: options of that labeller (e.g. ``{"counterfactual": "patches"}``); a labeller
+            that compares next-token distributions gets the sampling ``temperature`` unless they set one.
         trace_when_off: also trace and score baseline runs, for the role and ``s_t`` metrics only
             (costs the tracing time; advantages unchanged).
 
@@ -166,6 +178,8 @@ class RLConfig:
     tau_vis: float = 0.0
     tau_txt: float = 0.05
     trace_layers: str | tuple[int, ...] | None = None
+    roles: str = "fisher_rao"
+    role_options: dict[str, float | str] = field(default_factory=dict)
     trace_when_off: bool = False
     # optimisation
     algo: str = "grpo"
@@ -237,6 +251,11 @@ class RLConfig:
         need(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
         need(bool(self.reward_weights), "reward_weights is empty: no reward to optimise")
         need(self.threads is None or self.threads >= 1, "threads must be >= 1")
+        need(
+            self.roles != "fisher_rao" or not self.role_options,
+            "role_options are for other labellers: the fisher_rao roles use tau_vis and tau_txt",
+        )
+        check_options(self.roles, self.role_options)
         self.adam_betas = tuple(self.adam_betas)
         if isinstance(self.trace_layers, list):
             self.trace_layers = tuple(self.trace_layers)
@@ -255,9 +274,22 @@ class RLConfig:
         return self.algo == "dapo" if self.mask_truncated is None else self.mask_truncated
 
     @property
+    def trace_distance(self) -> str:
+        """The distance the rollouts' dynamics are traced with: the labeller's, for a distance rule."""
+        return self.roles if self.roles in DISTANCES else "fisher_rao"
+
+    @property
     def traces(self) -> bool:
         """Whether sampling traces attention (DyCo on, or baseline metrics asked for)."""
         return self.dyco != "off" or self.trace_when_off
+
+    def labeller_options(self) -> dict:
+        """``role_options``, and the sampling temperature for a labeller that compares next-token
+        distributions (``visual_dependency``), unless the options set one."""
+        options = dict(self.role_options)
+        if "temperature" in inspect.signature(get_labeller(self.roles)).parameters:
+            options.setdefault("temperature", self.temperature)
+        return options
 
     def scorer(self) -> ScorerConfig:
         return ScorerConfig(
@@ -295,14 +327,20 @@ class RLConfig:
 
 
 def advantages_from_trace(
-    trace, rewards: Tensor, group_ids: Tensor, mask: Tensor, scorer: ScorerConfig
+    trace,
+    rewards: Tensor,
+    group_ids: Tensor,
+    mask: Tensor,
+    scorer: ScorerConfig,
+    roles: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """DyCo (SPEC §6): per-token advantages ``[B, T]`` from a trace and the rewards.
 
     Group advantages ``Â_i`` from ``rewards`` within each group, reweighted by the scorer at
     ``scorer.granularity``. ``trace`` is anything with ``[B, T]`` ``r_vis``, ``r_txt``, ``v_vis`` and
     ``v_txt`` (a ``dyco_probe.tracing.Trace``, or a ``Rollout``'s signals); it may be ``None`` for
-    ``granularity="off"``. Returns the advantages (0 off the mask) and the scorer's output (``None``
+    ``granularity="off"``. ``roles`` (``[B, T]``) replaces the SPEC §4 roles of the trace's dynamics
+    (``rollout_roles``). Returns the advantages (0 off the mask) and the scorer's output (``None``
     without a trace).
     """
     mask = mask.to(torch.bool)
@@ -315,7 +353,7 @@ def advantages_from_trace(
         )
         return adv, None
     scored = score_tokens(
-        trace.r_vis, trace.r_txt, trace.v_vis, trace.v_txt, mask, scorer, group_ids=group_ids
+        trace.r_vis, trace.r_txt, trace.v_vis, trace.v_txt, mask, scorer, roles=roles, group_ids=group_ids
     )
     return dyco_advantages(rewards, group_ids, scored, mask, scorer), scored
 
@@ -448,9 +486,11 @@ def sample_rollout(
     top_p: float = 1.0,
     trace: bool = True,
     trace_layers=None,
+    distance: str = "fisher_rao",
 ) -> Rollout:
     """Sample ``num_generations`` completions for each example in one ``generate`` call, tracing the
-    attention online when ``trace`` (``dyco_probe.tracing.Tracer``; nothing is recomputed)."""
+    attention online when ``trace`` (``dyco_probe.tracing.Tracer``; nothing is recomputed), the
+    dynamics measured with ``distance``."""
     from dyco_probe.tracing import TraceConfig, Tracer
 
     prompts, images = _prompts_and_images(handle, examples)
@@ -472,7 +512,7 @@ def sample_rollout(
     try:
         with torch.no_grad():
             if trace:
-                config = TraceConfig(layers=trace_layers)
+                config = TraceConfig(layers=trace_layers, distance=distance)
                 with Tracer(handle.model, config, image_token_id=handle.image_token_id) as tracer:
                     sequences = handle.model.generate(**inputs, **gen_kwargs)
                 traced = tracer.finish(sequences)
@@ -501,6 +541,37 @@ def sample_rollout(
         truncated=truncated,
         texts=texts,
         signals=signals,
+    )
+
+
+def rollout_roles(
+    handle, rollout: Rollout, labeller: str, options: dict | None = None, *, distance: str = "fisher_rao"
+) -> Tensor:
+    """Roles ``[B, T]`` of a traced rollout's tokens from a labeller of ``dyco_probe.labellers``.
+
+    The labeller sees the rollout as a ``Trace`` (its tokens, traced signals and examples, dynamics
+    measured with ``distance``) and gets the handle, so labellers that run the model
+    (``visual_dependency``) score the tokens under the current policy."""
+    from dyco_probe.tracing import Trace
+
+    sig = rollout.signals
+    if sig is None:
+        raise ValueError("labelling a rollout needs its traced signals (sample it with trace=True)")
+    r_vis_n, r_txt_n = normalised_ratios(sig.r_vis, sig.r_txt)
+    trace = Trace(
+        token_ids=rollout.completion_ids,
+        mask=rollout.mask,
+        r_vis=sig.r_vis,
+        r_txt=sig.r_txt,
+        r_vis_norm=r_vis_n,
+        r_txt_norm=r_txt_n,
+        v_vis=sig.v_vis,
+        v_txt=sig.v_txt,
+        samples=[{"example_id": ex.id} for ex in rollout.examples],
+        metadata={"settings": {"distance": distance}},
+    )
+    return get_labeller(labeller)(
+        trace, examples=rollout.examples, tokenizer=handle.tokenizer, handle=handle, **(options or {})
     )
 
 
@@ -793,6 +864,7 @@ def _sample_batch(handle, config: RLConfig, examples: Sequence, position: int, r
             top_p=config.top_p,
             trace=config.traces,
             trace_layers=config.trace_layers,
+            distance=config.trace_distance,
         )
         seconds += time.perf_counter() - t0
         compute_rewards(rollout, reward_funcs, config.reward_weights)
@@ -907,7 +979,7 @@ def train(
     try:
         for step in range(start + 1, config.steps + 1):
             t_step = time.perf_counter()
-            timing = {"time_score": 0.0}
+            timing = {"time_roles": 0.0, "time_score": 0.0}
 
             # 1-2. Sample G completions per prompt (traced online) and reward them.
             rollout, position, n_groups_sampled, timing["time_generate"] = _sample_batch(
@@ -916,10 +988,21 @@ def train(
             if rollout is None:  # dynamic sampling found no group with a reward spread
                 record = {"kind": "train", "step": step, "skipped": 1, "groups_sampled": n_groups_sampled}
             else:
-                # 3. DyCo: (trace, rewards) -> per-token advantages.
+                # 3. DyCo: (trace, rewards) -> per-token advantages, with roles from the labeller.
+                roles = None
+                if config.roles != "fisher_rao" and rollout.signals is not None:
+                    t0 = time.perf_counter()
+                    roles = rollout_roles(
+                        handle,
+                        rollout,
+                        config.roles,
+                        config.labeller_options(),
+                        distance=config.trace_distance,
+                    )
+                    timing["time_roles"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 adv, scored = advantages_from_trace(
-                    rollout.signals, rollout.rewards, rollout.group_ids, rollout.mask, scorer
+                    rollout.signals, rollout.rewards, rollout.group_ids, rollout.mask, scorer, roles=roles
                 )
                 timing["time_score"] = time.perf_counter() - t0
 

@@ -123,6 +123,9 @@ def test_sweep_file_errors_name_the_problem(tmp_path):
         ("[model]\nsource = 'builtin'\n", "no [[grid]]"),
         ("[[grid]]\nrole_sources = ['fisher']\n", "unknown role source 'fisher'.*ratio_threshold"),
         ("[roles]\ntheta = 'high'\n[[grid]]\n", "theta must be a number"),
+        ("[roles]\ncounterfactual = 'noise'\n[[grid]]\n", "unknown counterfactual 'noise'"),
+        ("[roles]\ncounterfactual = 1\n[[grid]]\n", "counterfactual must be a string"),
+        ("[roles]\nvisual_above = 0.01\ntext_below = 0.1\n[[grid]]\n", "wrong order"),
     ]:
         path = tmp_path / "bad.toml"
         path.write_text(bad)
@@ -176,6 +179,33 @@ def test_role_sources_are_any_labeller(tmp_path, handle):
     for (source, target), rows in frame.groupby(["role_source", "target"]):
         want = (expected[source] == (1 if target == "visual" else 2)).sum(-1).tolist()
         assert rows.sort_values("item_index")["n_targets"].tolist() == want, (source, target)
+
+
+def test_visual_dependency_as_a_role_source(tmp_path, handle):
+    from dyco_probe.data import synthetic_examples
+    from dyco_probe.interventions import prepare_trajectories
+    from dyco_probe.interventions.conditions import labeller_options
+    from dyco_probe.labellers import get_labeller
+    from dyco_probe.tracing import trace_offline
+
+    text = SWEEP.replace("n = 4", "n = 2").split("[[grid]]")[0] + (
+        '[roles]\ncounterfactual = "swap"\ndivergence = "k3"\nvisual_above = 1e-3\ntext_below = 1e-4\n'
+        'theta = 0.3\n\n[[grid]]\ntargets = ["visual", "text"]\nrole_sources = ["visual_dependency"]\n'
+    )
+    config = SweepConfig.load(write(tmp_path, text))
+    options = labeller_options("visual_dependency", config.roles)
+    assert options == {"counterfactual": "swap", "divergence": "k3", "visual_above": 1e-3, "text_below": 1e-4}
+    summary = run_sweep(config, handle=handle, progress=False)
+    assert summary.rows_written == 2 * 2 and summary.errors == 0
+    frame = pd.read_parquet(Path(config.out) / "results.parquet")
+
+    examples = synthetic_examples("test", 2)
+    traj = prepare_trajectories(handle, examples, trajectory="gold", max_new_tokens=48)
+    trace = trace_offline(handle.model, traj.prompt_inputs, traj.completion_ids, traj.completion_mask)
+    roles = get_labeller("visual_dependency")(trace, handle=handle, examples=examples, **options)
+    for target, rows in frame.groupby("target"):
+        want = (roles == (1 if target == "visual" else 2)).sum(-1).tolist()
+        assert rows.sort_values("item_index")["n_targets"].tolist() == want, target
 
 
 # -- resumption ----------------------------------------------------------------------------------

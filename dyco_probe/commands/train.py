@@ -27,6 +27,7 @@ _HELP = {
     "threads": "torch threads (the command uses 1 unless told: on a busy machine more threads can be many times slower)",
     "beta": "KL coefficient ('auto': 0.04, and 0 for dapo)",
     "mask_truncated": "leave completions without EOS out of the loss (unset: only for dapo)",
+    "role_options": "options of the --roles labeller, e.g. counterfactual=patches,visual_above=0.5",
 }
 _FIELD_DOC = re.compile(r"^ {8}([a-z_0-9]+(?:, [a-z_0-9]+)*): (.*)$")
 
@@ -61,6 +62,15 @@ def _parse_weights(text: str) -> dict[str, float]:
     return out
 
 
+def _parse_options(text: str) -> dict[str, float | str]:
+    from dyco_probe.labellers import parse_options
+
+    try:
+        return parse_options(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parse_layers(text: str):
     if text in ("", "none", "last"):
         return None
@@ -93,6 +103,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         typ = str(f.type)
         if f.name == "reward_weights":
             kw["type"] = _parse_weights
+        elif f.name == "role_options":
+            kw["type"] = _parse_options
         elif f.name == "trace_layers":
             kw["type"] = _parse_layers
         elif f.name == "adam_betas":
@@ -109,6 +121,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
             kw["type"] = _parse_optional(str) if "None" in typ else str
         if f.name in _CHOICES:
             kw["choices"] = _CHOICES[f.name]
+        elif f.name == "roles":
+            from dyco_probe.labellers import LABELLERS
+
+            kw["choices"] = tuple(LABELLERS)
         shown = "unset" if default is None else default
         p.add_argument(flag, help=f"{help_} (default: {shown})".strip(), **kw)
 

@@ -22,6 +22,11 @@ generated ids, so it works whatever generated them.
     )
     trainer.train()
 
+Roles come from the traced dynamics (SPEC §4, ``roles="fisher_rao"``) or, with
+``roles="visual_dependency"``, from the counterfactual labeller (``dyco_probe.labellers``): one more
+teacher-forced forward without gradient, the batch with its real images and with counterfactual ones
+(``role_options``: ``counterfactual``, ``divergence``, thresholds; ``dyco_probe.counterfactual``).
+
 With several processes, token-level weights need only each process's own completions; sequence
 scores normalised over the group gather the group's scores across processes first (a group's
 completions may be spread over processes), so every process sees the same statistics.
@@ -35,10 +40,13 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOTrainer
 
+from dyco_probe.labellers import DEPENDENCY_DEFAULTS, check_options, parse_options
 from dyco_probe.roles import Role
 from dyco_probe.scoring import ScorerConfig, reweight_advantages, score_tokens
 
 __all__ = ["DyCoArguments", "DyCoGRPOTrainer", "as_trl_reward", "jsonl_dataset", "main", "synthetic_dataset"]
+
+ROLE_SOURCES = ("fisher_rao", "visual_dependency")
 
 
 def _completion_text(completion) -> str:
@@ -69,12 +77,17 @@ def _row(ex) -> dict:
     content = [
         {"type": "image"} if p is None else {"type": "text", "text": p} for p in split_image_tags(ex.question)
     ]
-    return {"prompt": [{"role": "user", "content": content}], "images": ex.load_images(), "answer": ex.answer}
+    return {
+        "id": str(ex.id),
+        "prompt": [{"role": "user", "content": content}],
+        "images": ex.load_images(),
+        "answer": ex.answer,
+    }
 
 
 def synthetic_dataset(split: str, n: int, config=None):
     """The synthetic task as a ``datasets.Dataset`` in TRL's conversational VLM format:
-    ``prompt`` (a user turn with image slots and the question), ``images`` and ``answer``."""
+    ``prompt`` (a user turn with image slots and the question), ``images``, ``answer`` and ``id``."""
     from datasets import Dataset
 
     from dyco_probe.data import synthetic_examples
@@ -100,6 +113,10 @@ class DyCoGRPOTrainer(GRPOTrainer):
         dyco: the scorer's settings; ``granularity="off"`` makes this exactly ``GRPOTrainer``.
         trace_config: what to trace (``dyco_probe.tracing.TraceConfig``; default: last layer, all heads).
         image_token_id: the image placeholder id (default: from the model config).
+        roles: ``"fisher_rao"`` (SPEC §4 on the traced dynamics, the scorer's thresholds) or
+            ``"visual_dependency"`` (counterfactual; one more forward per batch).
+        role_options: options of ``visual_dependency`` (``dyco_probe.labellers.DEPENDENCY_DEFAULTS``
+            and ``patch_size``, ``seed``); errors name the dataset row's ``id`` column when it has one.
 
     TRL's own group advantages (its ``scale_rewards`` included) are the ``Â`` that DyCo reweights.
     Logged per step: ``dyco/role_visual``, ``dyco/role_text``, ``dyco/s_mean``, ``dyco/w_std``,
@@ -112,12 +129,19 @@ class DyCoGRPOTrainer(GRPOTrainer):
         dyco: ScorerConfig | None = None,
         trace_config=None,
         image_token_id: int | None = None,
+        roles: str = "fisher_rao",
+        role_options: dict | None = None,
         **kwargs,
     ):
+        if roles not in ROLE_SOURCES:
+            raise ValueError(f"roles must be one of {', '.join(ROLE_SOURCES)}, got {roles!r}")
+        check_options(roles, role_options or {})
         super().__init__(*args, **kwargs)
         self.dyco = dyco or ScorerConfig()
         self.trace_config = trace_config
         self.dyco_image_token_id = image_token_id
+        self.roles = roles
+        self.role_options = dict(role_options or {})
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -126,8 +150,18 @@ class DyCoGRPOTrainer(GRPOTrainer):
         trace = self._trace(output)
         mask = trace.mask.to(output["completion_ids"].device)
         groups = torch.arange(mask.shape[0]) // self._group_size
+        roles = (
+            self._dependency_roles(inputs, output, mask).cpu() if self.roles == "visual_dependency" else None
+        )
         scored = score_tokens(
-            trace.r_vis, trace.r_txt, trace.v_vis, trace.v_txt, trace.mask, self.dyco, group_ids=groups
+            trace.r_vis,
+            trace.r_txt,
+            trace.v_vis,
+            trace.v_txt,
+            trace.mask,
+            self.dyco,
+            roles=roles,
+            group_ids=groups,
         )
         scored = {k: v.to(mask.device) for k, v in scored.items()}
         output["advantages"] = self._reweight(output["advantages"], scored, mask)
@@ -141,10 +175,9 @@ class DyCoGRPOTrainer(GRPOTrainer):
         """Completions per prompt of the batch being scored (TRL's evaluation may use another G)."""
         return self.num_generations if self.model.training else self.num_generations_eval
 
-    def _trace(self, output):
-        """Teacher-forced trace of the batch's completions under the current (sampling) policy."""
-        from dyco_probe.tracing import trace_offline
-
+    @staticmethod
+    def _prompt_inputs(output) -> dict:
+        """The encoded prompt batch (ids, mask, pixel inputs) of TRL's output, left-padded."""
         prompt_len = output["prompt_ids"].shape[1]
         prompt_inputs = {"input_ids": output["prompt_ids"], "attention_mask": output["prompt_mask"]}
         for key in ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask"):
@@ -153,6 +186,54 @@ class DyCoGRPOTrainer(GRPOTrainer):
         for key in ("mm_token_type_ids", "token_type_ids"):
             if key in output:
                 prompt_inputs[key] = output[key][:, :prompt_len]
+        return prompt_inputs
+
+    def _dependency_roles(self, inputs, output, mask: torch.Tensor) -> torch.Tensor:
+        """``visual_dependency`` roles of the batch: its prompts with the real and with counterfactual
+        images (pixels re-encoded, token ids kept), one teacher-forced forward without gradient."""
+        from dyco_probe.counterfactual import (
+            counterfactual_images,
+            default_patch_size,
+            dependency_from_inputs,
+            with_images,
+        )
+        from dyco_probe.dependency import dependency_roles
+
+        o = {**DEPENDENCY_DEFAULTS, **self.role_options}
+        images = [
+            list(row.get("images") or ([row["image"]] if row.get("image") is not None else []))
+            for row in inputs
+        ]
+        step = self.state.global_step
+        keys = [row.get("id", f"step {step} group {i // self._group_size}") for i, row in enumerate(inputs)]
+        names = [str(row.get("id", f"batch row {i}")) for i, row in enumerate(inputs)]
+        cf = counterfactual_images(
+            images,
+            o["counterfactual"],
+            keys=keys,
+            names=names,
+            mask_fraction=float(o["mask_fraction"]),
+            patch_size=int(o.get("patch_size") or default_patch_size(self.processing_class)),
+            seed=int(o.get("seed", 0)),
+        )
+        real = self._prompt_inputs(output)
+        other = with_images(real, self.processing_class, cf, names)
+        score = dependency_from_inputs(
+            self.accelerator.unwrap_model(self.model),
+            real,
+            other,
+            output["completion_ids"],
+            mask,
+            divergence=o["divergence"],
+            temperature=float(o.get("temperature", self.temperature)),
+        )
+        return dependency_roles(score, mask, float(o["visual_above"]), float(o["text_below"]))
+
+    def _trace(self, output):
+        """Teacher-forced trace of the batch's completions under the current (sampling) policy."""
+        from dyco_probe.tracing import trace_offline
+
+        prompt_inputs = self._prompt_inputs(output)
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
@@ -255,6 +336,13 @@ class DyCoArguments:
     trace_layers: str | None = field(
         default=None, metadata={"help": "probed layers: 'all' or 'i,j' (default last)"}
     )
+    roles: str = field(
+        default="fisher_rao", metadata={"help": "role source: fisher_rao or visual_dependency"}
+    )
+    role_options: str | None = field(
+        default=None,
+        metadata={"help": "visual_dependency options, e.g. 'counterfactual=patches,visual_above=0.5'"},
+    )
 
 
 def _load_processor(source: str):
@@ -303,6 +391,8 @@ def main(argv: list[str] | None = None):
             tau_txt=dyco_args.tau_txt,
         ),
         trace_config=TraceConfig(layers=layers),
+        roles=dyco_args.roles,
+        role_options=parse_options(dyco_args.role_options or ""),
     )
     trainer.train(resume_from_checkpoint=grpo_args.resume_from_checkpoint)
     trainer.save_model(grpo_args.output_dir)

@@ -31,6 +31,9 @@ directory; unknown keys are errors)::
     tau_txt = 0.05                   #   hellinger, l2, ... in their distance's own units)
     text_span = "post_image"
     # theta = 0.5                    # ratio_threshold only (and theta_txt); its defaults otherwise
+    # counterfactual = "blank"       # visual_dependency only: "blank", "patches" or "swap", with
+    # divergence = "kl"              #   "kl" or "k3", visual_above / text_below (nats) and, for
+    # visual_above = 0.1             #   patches, mask_fraction and patch_size; its defaults otherwise
 
     [readouts]
     teacher_forced = true
@@ -65,7 +68,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..labellers import get_labeller
+from ..labellers import check_options, get_labeller
 from .queries import TARGETS
 from .spec import KEY_SPANS, Intervention, layers_label, parse_layers
 from .trajectories import TRAJECTORIES, check_role_source
@@ -87,15 +90,31 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-# `[roles]` entries that are labeller options; each labeller gets those it takes.
-LABELLER_OPTIONS = ("tau_vis", "tau_txt", "theta", "theta_txt")
+# `[roles]` entries that are labeller options (numbers, then names); each labeller gets those it takes.
+NUMBER_OPTIONS = (
+    "tau_vis",
+    "tau_txt",
+    "theta",
+    "theta_txt",
+    "visual_above",
+    "text_below",
+    "mask_fraction",
+    "patch_size",
+)
+NAME_OPTIONS = ("counterfactual", "divergence")
+LABELLER_OPTIONS = NUMBER_OPTIONS + NAME_OPTIONS
 
 
 def labeller_options(source: str, roles: dict) -> dict:
     """The options of `roles` (a sweep's `[roles]` table) that the labeller `source` takes, e.g.
-    `tau_vis`, `tau_txt` for the dynamics rules and `theta`, `theta_txt` for `ratio_threshold`."""
+    `tau_vis`, `tau_txt` for the dynamics rules, `theta`, `theta_txt` for `ratio_threshold` and
+    `counterfactual`, `visual_above`, ... for `visual_dependency`."""
     params = inspect.signature(get_labeller(source)).parameters
-    return {k: float(roles[k]) for k in LABELLER_OPTIONS if k in roles and k in params}
+    return {
+        k: (roles[k] if k in NAME_OPTIONS else float(roles[k]))
+        for k in LABELLER_OPTIONS
+        if k in roles and k in params
+    }
 
 
 @dataclass(frozen=True)
@@ -246,9 +265,16 @@ class SweepConfig:
             **raw.get("roles", {}),
         }
         _check_keys(roles, cls.ROLE_KEYS, f"{where} [roles]")
-        for k in LABELLER_OPTIONS:
+        for k in NUMBER_OPTIONS:
             if k in roles and (isinstance(roles[k], bool) or not isinstance(roles[k], (int, float))):
                 raise ValueError(f"{where} [roles]: {k} must be a number, got {roles[k]!r}")
+        for k in NAME_OPTIONS:
+            if k in roles and not isinstance(roles[k], str):
+                raise ValueError(f"{where} [roles]: {k} must be a string, got {roles[k]!r}")
+        try:  # bad values fail here, not in the middle of the sweep
+            check_options("visual_dependency", labeller_options("visual_dependency", roles))
+        except ValueError as e:
+            raise ValueError(f"{where} [roles]: {e}") from None
         readouts = {"teacher_forced": True, "free_running": True, **raw.get("readouts", {})}
         _check_keys(readouts, cls.READOUT_KEYS, f"{where} [readouts]")
         grids_raw = raw.get("grid")

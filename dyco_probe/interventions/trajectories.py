@@ -8,7 +8,8 @@ labeller of `dyco_probe.labellers` (`get_labeller`):
 - `"ground_truth"`: the synthetic task's word roles (`dyco_probe.task.alignment`), no forward pass;
 - every other labeller (`"fisher_rao"`, `"ratio_threshold"`, `"hellinger"`, ...) runs on a
   teacher-forced trace of the trajectory (`trace_offline`, one per distance: the labellers named
-  after a distance need a trace measured with it).
+  after a distance need a trace measured with it); `"visual_dependency"` also runs the model on the
+  trajectory with the real and a counterfactual image (it gets the handle).
 
 Then `teacher_forced(spec, selection)` and `free_running(spec, selection)` give per-sample effects.
 """
@@ -124,7 +125,11 @@ class Trajectories:
                 )
             else:
                 roles = get_labeller(source)(
-                    self.trace(source), examples=self.examples, tokenizer=self.handle.tokenizer, **options
+                    self.trace(source),
+                    examples=self.examples,
+                    tokenizer=self.handle.tokenizer,
+                    handle=self.handle,
+                    **options,
                 )
             self.roles_cache[key] = roles.cpu()
         return self.roles_cache[key]

@@ -29,6 +29,7 @@ _EXPORTS = {
     "paper_style": "style",
     "save_figure": "style",
     "use_paper_style": "style",
+    "plot_dependency_vs_delta": "figures",
     "plot_feature_auroc": "figures",
     "plot_intervention_effects": "figures",
     "plot_labeller_validation": "figures",

@@ -22,6 +22,7 @@ import numpy as np
 from .style import GROUP_COLOURS, ROLE_COLOURS, paper_style, save_figure
 
 __all__ = [
+    "plot_dependency_vs_delta",
     "plot_feature_auroc",
     "plot_intervention_effects",
     "plot_labeller_validation",
@@ -378,6 +379,81 @@ def plot_labeller_validation(table):
                 shown.setdefault(label, handle)  # one entry per role, whichever panel has it
         if shown:
             axes[0][-1].legend(list(shown.values()), list(shown), loc="lower right")
+    return fig
+
+
+def plot_dependency_vs_delta(
+    delta,
+    score,
+    truth,
+    mask,
+    *,
+    tau: tuple[float, float] = (0.0, 0.05),
+    thresholds: tuple[float, float] | None = None,
+    max_points: int = 20000,
+    seed: int = 0,
+    ax=None,
+):
+    """Two notions of "visual", token by token: the Fisher–Rao rule's `Δ = v_vis − v_txt` (x) against
+    the counterfactual visual dependency score (y, nats, symmetric-log scale), coloured by true role.
+
+    Args:
+        delta, score, truth, mask: `[B, T]` tensors or arrays (`truth`: `Role` codes). The first token
+            (no Δ) and masked tokens are left out.
+        tau: the rule's `(tau_vis, tau_txt)`: vertical lines at `tau_vis` and `−tau_txt`.
+        thresholds: `(visual_above, text_below)` of the dependency roles: horizontal lines.
+        max_points: at most this many tokens are drawn (a fixed random subset; every role keeps its
+            share); the quadrant counts in the corners are over all tokens.
+    """
+    import torch
+
+    from ..roles import ROLE_NAMES
+
+    d, s, r, m = (torch.as_tensor(x) for x in (delta, score, truth, mask))
+    keep = m.bool().clone()
+    keep[:, :1] = False
+    d, s, r = d[keep].double().numpy(), s[keep].double().numpy(), r[keep].long().numpy()
+    fig, ax = _axes(ax, figsize=(4.2, 3.3))
+    order = np.random.default_rng(seed).permutation(len(d))[:max_points]
+    for code in (0, 2, 1):  # neutral under text under visual
+        name = ROLE_NAMES[code]
+        pick = order[r[order] == code]
+        ax.scatter(
+            d[pick],
+            s[pick],
+            s=3,
+            alpha=0.35,
+            color=ROLE_COLOURS[name],
+            linewidths=0,
+            label=f"true {name} ({int((r == code).sum())})",
+        )
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.axvline(tau[0], color="k", linestyle="--", linewidth=0.7)
+    ax.axvline(-tau[1], color="k", linestyle=":", linewidth=0.7)
+    if thresholds is not None:
+        ax.axhline(thresholds[0], color="k", linestyle="--", linewidth=0.7)
+        ax.axhline(thresholds[1], color="k", linestyle=":", linewidth=0.7)
+        hi = s > thresholds[0]
+        for right, top, (x, y, ha, va) in (
+            (True, True, (0.98, 0.98, "right", "top")),
+            (False, True, (0.02, 0.98, "left", "top")),
+            (True, False, (0.98, 0.02, "right", "bottom")),
+            (False, False, (0.02, 0.02, "left", "bottom")),
+        ):
+            cell = ((d > tau[0]) == right) & (hi == top)
+            ax.text(
+                x,
+                y,
+                f"{int(cell.sum())} tokens, {int((cell & (r == 1)).sum())} true visual",
+                transform=ax.transAxes,
+                ha=ha,
+                va=va,
+                fontsize=6,
+                color="0.25",
+            )
+    ax.set_xlabel("Fisher–Rao Δ = v_vis − v_txt (visual if > tau_vis, dashed)")
+    ax.set_ylabel("visual dependency (nats; visual if > dashed)")
+    ax.legend(loc="center right", fontsize=6, markerscale=3)
     return fig
 
 
