@@ -41,6 +41,7 @@ SIGNALS = {
     "named_share": ("share of image attention on the named object's cell", 1),
     "peak_on_named": ("image attention peaks on the named object's cell", 1),
     "on_note": ("attention on the note's value (lower = read)", -1),
+    "visual_dependency": ("visual dependency (KL of next-token distributions, real vs blank image)", 1),
 }
 
 
@@ -75,9 +76,17 @@ def copy_vs_read(
     table["prompt"] = table["sample"] // samples
     table["ratio_visual"] = (table["r_vis_norm"] > 0.5).astype(float)
     table["fr_visual"] = (table["fr_role"] == "visual").astype(float)
-    table["peak_on_named"] = table["peak_on_named"].astype(float)
+    if "peak_on_named" in table:
+        table["peak_on_named"] = table["peak_on_named"].astype(float)
     correct = {i: bool(r["correct"]) for i, r in enumerate(res.records)}
     table["trajectory_correct"] = table["sample"].map(correct)
+    if len(table):
+        from dyco_probe.counterfactual import visual_dependency_scores
+
+        dependency = visual_dependency_scores(
+            handle, res.examples, trace.token_ids, trace.mask, batch_size=batch_size
+        )
+        table["visual_dependency"] = dependency[table["sample"].to_numpy(), table["t"].to_numpy()].numpy()
     return table, res
 
 
