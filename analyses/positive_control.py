@@ -14,7 +14,11 @@ exactly, so every signal of the toolkit can be tested against a known effect:
 2. **trajectories**: greedy completions of ``--n-greedy`` test problems (every subset), scored with the
    Fisher–Rao roles: the AUROC of each trajectory feature for correctness (sequence score, mean
    ``s_t``, visual-role fraction, switch rate), with stratified bootstrap intervals.
-3. **RL**: the repair measured by ``analyses/rl_comparison.py`` (read from its JSON, if present).
+3. **interventions** at the noted look-up of fixed chains (each noted problem once reading the image,
+   once copying the note): the note knocked out at the value token and at the token that decides the
+   look-up's form (does the model then read the image and recover?), and the image knocked out at
+   the value token (does a read look-up need the image, and a copied one not?);
+4. **RL**: the repair measured by ``analyses/rl_comparison.py`` (read from its JSON, if present).
 
 Writes ``figures/positive_control.{md,json}`` and ``figures/positive_control_signals.{png,pdf}``.
 
@@ -29,7 +33,13 @@ import json
 import math
 from pathlib import Path
 
-from dyco_probe.positive_control import copy_vs_read, detection, verdict
+from dyco_probe.positive_control import (
+    copy_vs_read,
+    detection,
+    note_interventions,
+    summarise_interventions,
+    verdict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAJECTORY_FEATURES = ("sample_score", "mean_s", "frac_visual", "switch_rate")
@@ -158,6 +168,31 @@ def render(report: dict) -> str:
             lines.append(
                 f"| {where} | {f} | {r['auroc']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f}) | {r['n_pos']} / {r['n_neg']} |"
             )
+    lines += [
+        "",
+        "## Interventions at the noted look-up",
+        "",
+        "Fixed chains: each noted problem once with the look-up read from the image (the gold chain) and "
+        "once copied from the note (the rest of the chain following from the copied value). Knockouts at "
+        "all layers and heads of the query that produces the token; *decision*: the token that decides the "
+        "look-up's form (the value itself when read, `note` when copied). Free-running: regenerate from that "
+        "token; accuracy without (*base*) and with the knockout. Means with bootstrap 95% intervals.",
+        "",
+        "| intervention | chain | note | n | Δ log p(token) | accuracy, base | accuracy, knocked out | Δ accuracy |",
+        "| --- | --- | --- | ---: | --- | --- | --- | --- |",
+    ]
+    for r in report["interventions"]:
+
+        def m(x, digits=3):
+            return f"{x['mean']:+.{digits}f} ({x['ci_low']:+.{digits}f} to {x['ci_high']:+.{digits}f})"
+
+        def a(x):
+            return f"{x['mean']:.3f} ({x['ci_low']:.3f}-{x['ci_high']:.3f})"
+
+        lines.append(
+            f"| {r['description']} | {r['form']} | {r['note']} | {r['n']} | {m(r['dlogp_target'], 2)} | "
+            f"{a(r['correct_base'])} | {a(r['correct_int'])} | {m(r['dacc'])} |"
+        )
     lines += ["", "## What it shows", "", *report["findings"], ""]
     rl = report.get("rl")
     if rl:
@@ -203,12 +238,42 @@ def findings(det: dict, traj: dict) -> list[str]:
     return out
 
 
+def intervention_findings(rows: list[dict]) -> list[str]:
+    """One line per knockout on the chains where it matters, from its intervals."""
+
+    def get(name, form, note):
+        return next(
+            (r for r in rows if (r["intervention"], r["form"], r["note"]) == (name, form, note)), None
+        )
+
+    def acc(r, key):
+        x = r[key]
+        return f"{x['mean']:.2f} [{x['ci_low']:.2f}, {x['ci_high']:.2f}]"
+
+    out = []
+    for name, form, note, what in (
+        ("note@value", "copied", "false", "the note knocked out at a copied false value"),
+        ("note@decision", "copied", "false", "the note knocked out where the copy is decided"),
+        ("image@value", "read", "false", "the image knocked out at a read value"),
+        ("image@value", "copied", "false", "the image knocked out at a copied value"),
+    ):
+        r = get(name, form, note)
+        if r is None:
+            continue
+        out.append(
+            f"- {what} (false notes, n={r['n']}): accuracy {acc(r, 'correct_base')} without, "
+            f"{acc(r, 'correct_int')} with the knockout; Δ log p of the token {r['dlogp_target']['mean']:+.2f}."
+        )
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--n-noted", type=int, default=100, help="noted test problems (true and false notes)")
     ap.add_argument("--samples", type=int, default=8, help="sampled completions per noted problem")
     ap.add_argument("--n-greedy", type=int, default=300, help="test problems decoded greedily")
+    ap.add_argument("--n-interventions", type=int, default=60, help="noted problems for the knockouts")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -242,6 +307,7 @@ def main(argv=None) -> int:
             sampled.trace, args.n_boot
         ),
     }
+    knockouts = note_interventions(handle, noted[: args.n_interventions], progress=not args.quiet)
     n_lookups = table[table["note"] != ""]
     report = {
         "model": args.model,
@@ -258,7 +324,8 @@ def main(argv=None) -> int:
         "detection": det,
         "detection_auroc": {k: v["auroc"] for k, v in det.items()},
         "trajectory_auroc": traj,
-        "findings": findings(det, traj),
+        "interventions": (summary := summarise_interventions(knockouts, n_boot=args.n_boot)),
+        "findings": findings(det, traj) + intervention_findings(summary),
     }
     rl = rl_summary(Path(args.rl))
     if rl:
