@@ -95,7 +95,7 @@ class PretrainConfig:
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
     # phase 2: language model
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 100
