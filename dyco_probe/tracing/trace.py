@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -218,9 +219,14 @@ class Trace:
     def save(self, path) -> None:
         """Write a parquet file: one row per sample x token (all tokens, masked ones included) with
         the signals, per-layer signals and image rows as list columns, and the sample table, layers
-        and metadata in the file's key-value metadata."""
+        and metadata in the file's key-value metadata.
+
+        Missing parent folders are created. The file is written under a temporary name and renamed
+        when complete, so `path` never holds a partial trace (`dyco_probe.files.atomic_path`)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
+
+        from ..files import atomic_path
 
         b, t = self.token_ids.shape
         columns = {
@@ -249,14 +255,21 @@ class Trace:
         }
         meta = dict(table.schema.metadata or {})
         meta[b"dyco_probe"] = json.dumps(extra, default=str).encode()
-        pq.write_table(table.replace_schema_metadata(meta), str(path))
+        with atomic_path(path) as tmp:
+            pq.write_table(table.replace_schema_metadata(meta), str(tmp))
 
     @classmethod
     def load(cls, path) -> Trace:
-        """Read a trace written by `save`."""
+        """Read a trace written by `save`; a missing or unreadable file is an error naming it."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(str(path))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such trace file")
+        try:
+            table = pq.read_table(str(path))
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path} is not a readable parquet trace: {e}") from e
         raw = (table.schema.metadata or {}).get(b"dyco_probe")
         if raw is None:
             raise ValueError(f"{path} is not a dyco_probe trace (no 'dyco_probe' metadata)")
