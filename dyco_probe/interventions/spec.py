@@ -158,7 +158,10 @@ def parse_layers(spec, num_layers: int) -> list[tuple[int, ...]]:
     if isinstance(spec, (list, tuple)):
         layers = sorted({int(i) + num_layers if int(i) < 0 else int(i) for i in spec})
         if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-            raise ValueError(f"layers {spec} out of range for {num_layers} layers")
+            raise ValueError(
+                f"layers {list(spec)} out of range: the model has {num_layers} layers "
+                f"(0 to {num_layers - 1}, or -{num_layers} to -1 from the end)"
+            )
         return [tuple(layers)]
     if isinstance(spec, int):
         return parse_layers([spec], num_layers)
@@ -174,15 +177,19 @@ def parse_layers(spec, num_layers: int) -> list[tuple[int, ...]]:
         except (ValueError, IndexError) as e:
             raise ValueError(f"bad layer window {spec!r}; write window:K or window:K:S") from e
         return layer_windows(num_layers, size, stride)
-    if "-" in text[1:]:
-        a, b = text[0] + text[1:].split("-", 1)[0], text[1:].split("-", 1)[1]
-        return parse_layers(list(range(int(a), int(b) + 1)), num_layers)
     try:
-        return parse_layers([int(text)], num_layers)
-    except ValueError as e:
+        if "-" in text[1:]:
+            a, b = text[0] + text[1:].split("-", 1)[0], text[1:].split("-", 1)[1]
+            layers = list(range(int(a), int(b) + 1))
+        else:
+            layers = [int(text)]
+    except ValueError:
         raise ValueError(
             f"bad layer selection {spec!r}; use all, each, window:K[:S], N, A-B or a list"
-        ) from e
+        ) from None
+    if not layers:
+        raise ValueError(f"layer range {spec!r} is empty (write A-B with A <= B)")
+    return parse_layers(layers, num_layers)
 
 
 def layers_label(layers: tuple[int, ...], num_layers: int) -> str:

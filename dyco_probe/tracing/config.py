@@ -58,7 +58,10 @@ class TraceConfig:
             return tuple(range(num_layers))
         out = sorted({i + num_layers if i < 0 else i for i in self.layers})
         if not out or out[0] < 0 or out[-1] >= num_layers:
-            raise ValueError(f"layers {self.layers} out of range for {num_layers} layers")
+            raise ValueError(
+                f"layers {_listed(self.layers)} out of range: the model has {num_layers} text-decoder layers "
+                f"(indices 0 to {num_layers - 1}, or -{num_layers} to -1 from the end)"
+            )
         return tuple(out)
 
     def resolve_heads(self, num_heads: int) -> tuple[int, ...] | None:
@@ -67,7 +70,10 @@ class TraceConfig:
             return None
         out = sorted({h + num_heads if h < 0 else h for h in self.heads})
         if not out or out[0] < 0 or out[-1] >= num_heads:
-            raise ValueError(f"heads {self.heads} out of range for {num_heads} heads")
+            raise ValueError(
+                f"heads {_listed(self.heads)} out of range: the model has {num_heads} attention heads "
+                f"(indices 0 to {num_heads - 1})"
+            )
         return tuple(out)
 
     def to_dict(self) -> dict:
@@ -76,6 +82,10 @@ class TraceConfig:
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
         return d
+
+
+def _listed(values) -> str:
+    return ",".join(map(str, values))
 
 
 def _as_seq(x):
