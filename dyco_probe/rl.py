@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dyco_probe.files import atomic_path, write_text_atomic
 from dyco_probe.losses import LOSSES, LossConfig, dynamic_sampling_mask, policy_loss
 from dyco_probe.roles import Role
 from dyco_probe.scoring import (
@@ -289,6 +291,30 @@ class RLConfig:
         if isinstance(self.trace_layers, tuple):
             d["trace_layers"] = list(self.trace_layers)
         return d
+
+    @classmethod
+    def from_run(cls, out_dir, **overrides) -> RLConfig:
+        """The settings of the run in ``out_dir`` (its ``config.json``), to resume it.
+
+        ``overrides`` may change what leaves the results as they are (``RESUME_SAFE``: ``steps``,
+        ``eval_every``, ``threads``, ...; ``train`` records the change in ``metrics.jsonl``); any
+        other setting that differs from the run's is a ``ValueError`` naming it, since the
+        continuation would no longer be the run it claims to be.
+        """
+        path = Path(out_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{out_dir} holds no run to resume (no config.json); start it without --resume / resume=True"
+            )
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); the run's settings cannot be read") from e
+        known = {f.name for f in dataclasses.fields(cls)}
+        base = cls(**{k: v for k, v in saved.items() if k in known})
+        config = dataclasses.replace(base, **overrides, out_dir=str(out_dir), resume=True)
+        resume_changes(base.to_dict(), config)
+        return config
 
 
 # -- DyCo: (trace, rewards) -> advantages ----------------------------------------------------------
@@ -581,12 +607,10 @@ def _seed_everything(seed: int) -> None:
 
 def _atomic_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _lr_lambda(warmup_steps: int):
@@ -653,7 +677,7 @@ class _Log:
                 rec = json.loads(line)
                 if rec["step"] <= keep_until:  # drop what a killed run logged after its checkpoint
                     self.records.append(rec)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.file = self.path.open("a")
         self.tb = None
         if tensorboard:
@@ -679,12 +703,10 @@ class _Log:
             if not rows:
                 continue
             columns = list(dict.fromkeys(k for r in rows for k in r))
-            tmp = self.out_dir / f".{name}.tmp"
-            with tmp.open("w", newline="") as f:
+            with atomic_path(self.out_dir / name) as tmp, tmp.open("w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=columns)
                 writer.writeheader()
                 writer.writerows(rows)
-            os.replace(tmp, self.out_dir / name)
 
     def close(self) -> None:
         self.file.close()
@@ -859,17 +881,22 @@ def train(
     scorer, loss_cfg = config.scorer(), config.loss_config()
 
     start, position, initial_eval, last_eval = 0, 0, None, None
+    changes: dict = {}
     if config.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        _warn_config_changes(state["config"], config)
+        changes = resume_changes(state["config"], config)
+        if config.steps < state["step"]:
+            raise ValueError(f"steps = {config.steps} is below the {state['step']} steps {out_dir} has done")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start, position = state["step"], state["data_position"]
         initial_eval, last_eval = state["initial_eval"], state["last_eval"]
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_text_atomic(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     log = _Log(out_dir, keep_until=start if start > 0 else -1, tensorboard=config.tensorboard)
+    if changes:  # what a resume changed, where the run's history is
+        log.write({"kind": "resume", "step": start, "changed": changes})
 
     def save_checkpoint(step: int) -> None:
         state = {
@@ -1062,15 +1089,31 @@ def _save_model(handle, path: Path) -> Path:
     return path
 
 
-_RESUME_SAFE = {"steps", "resume", "threads", "checkpoint_every", "tensorboard", "eval_every", "out_dir"}
+# Settings a resumed run may change: where and how fast it runs, how long, how often it evaluates
+# and checkpoints. Everything else decides what the run computes.
+RESUME_SAFE = (
+    "out_dir",
+    "resume",
+    "steps",
+    "threads",
+    "device",
+    "eval_every",
+    "checkpoint_every",
+    "tensorboard",
+)
 
 
-def _warn_config_changes(saved: dict, config: RLConfig) -> None:
+def resume_changes(saved: dict, config: RLConfig) -> dict[str, list]:
+    """The resume-safe settings in which ``config`` differs from a run's saved ones, as
+    ``{name: [saved, now]}``; a difference in any other setting is a ``ValueError`` naming each."""
     now = config.to_dict()
-    changed = sorted(k for k in now if k not in _RESUME_SAFE and saved.get(k) != now[k])
-    if changed:
-        warnings.warn(
-            f"resuming with settings that differ from the checkpoint's ({', '.join(changed)}); "
-            "the continuation will not match an uninterrupted run",
-            stacklevel=3,
+    changed = {k: [saved.get(k), now[k]] for k in now if k in saved and saved[k] != now[k]}
+    unsafe = {k: v for k, v in changed.items() if k not in RESUME_SAFE}
+    if unsafe:
+        listed = "; ".join(f"{k}: the run has {old!r}, now {new!r}" for k, (old, new) in sorted(unsafe.items()))
+        raise ValueError(
+            f"resuming {config.out_dir} with settings that differ from the run's ({listed}); a resumed run "
+            "keeps its settings (only " + ", ".join(RESUME_SAFE[2:]) + " may change): drop those options, "
+            "or start a new run in another directory"
         )
+    return {k: v for k, v in changed.items() if k not in ("out_dir", "resume")}
