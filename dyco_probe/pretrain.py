@@ -434,10 +434,10 @@ def pretrain(
 
     model.eval()
     final_dir = out / "model"
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    model.save_pretrained(final_dir)
-    processor.save_pretrained(final_dir)
+    staging = out / ".model.partial"  # renamed to model/ once complete: model/ is never half written
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
     recipe = {
         "command": "dyco-probe " + " ".join(sys.argv[1:]) if sys.argv and "dyco" in sys.argv[0] else None,
         "config": config.to_dict(),
@@ -445,5 +445,8 @@ def pretrain(
         "train_seconds_this_session": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
     }
-    (final_dir / "recipe.json").write_text(json.dumps(recipe, indent=1))
+    (staging / "recipe.json").write_text(json.dumps(recipe, indent=1))
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(staging, final_dir)
     return {"out": str(final_dir), "steps": step, "history": history[-3:]}

@@ -259,7 +259,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path, reference):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f'"rows_skipped": {len(partial)}' in done.stdout
     check_complete(pd.read_parquet(tmp_path / "out" / "results.parquet"), reference)
-    assert not list(units.glob("*.parquet")) and not list((tmp_path / "out").rglob(".tmp-*"))
+    assert not list(units.glob("*.parquet")) and not list((tmp_path / "out").rglob(".*.partial"))
 
 
 def _free_port() -> int:
