@@ -131,8 +131,8 @@ def concat_traces(traces: Sequence[Trace]) -> Trace:
 
 
 def summarize(trace: Trace) -> dict:
-    """Short numbers of a trace: sizes, mean signals over real tokens, role fractions (SPEC §4 on the
-    trace's own dynamics, published thresholds) and, when recorded, accuracy."""
+    """Short numbers of a trace: sizes, mean signals over real tokens, role fractions (the role rule of
+    docs/method.md#token-roles on the trace's own dynamics, published thresholds) and, when recorded, accuracy."""
     m = trace.mask.bool()
     roles = trace.roles()[m]
     out = {

@@ -146,7 +146,7 @@ def _finite(x):
 
 
 def role_agreement(trace, tokenizer, *, examples=None, theta: float = 0.5) -> dict:
-    """The SPEC §4 rule (Fisher–Rao, published thresholds) and the ratio baseline against the synthetic
+    """The token-role rule (docs/method.md#token-roles) (Fisher–Rao, published thresholds) and the ratio baseline against the synthetic
     task's ground-truth roles, neutral tokens excluded and included (`labellers.compare_roles`), and,
     for traces with image rows, where ground-truth visual tokens' image attention peaks
     (`labellers.attention_peak_share`). JSON-ready (NaN -> None)."""
@@ -429,7 +429,7 @@ def _trace_sections(
             "mean v_vis / v_txt",
             f"{summary['mean_v_vis']:.4f} / {summary['mean_v_txt']:.4f} ({summary['distance']})",
         ),
-        ("role fractions (SPEC §4)", ", ".join(f"{k} {v:.3f}" for k, v in summary["role_fractions"].items())),
+        ("role fractions (docs/method.md#token-roles)", ", ".join(f"{k} {v:.3f}" for k, v in summary["role_fractions"].items())),
         ("mode / backend", f"{meta.get('mode')} / {meta.get('backend')}"),
     ]
     body = (
@@ -446,7 +446,7 @@ def _trace_sections(
         written = viz.save_token_analysis_figures(analysis, run.figures)
         figures_seen.update(p for paths in written.values() for p in paths)
         body = _note(
-            "Correct vs incorrect trajectories. Roles: SPEC §4 on the trace's Fisher–Rao dynamics (published "
+            "Correct vs incorrect trajectories. Roles: docs/method.md#token-roles on the trace's Fisher–Rao dynamics (published "
             "thresholds); <code>s_t</code>, normalised ratios and the sample score from the scorer. Figures "
             f"(PNG + PDF) in <code>{html.escape(str(run.figures))}</code>."
         )

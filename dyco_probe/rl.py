@@ -1,4 +1,4 @@
-"""Minimal RLVR with DyCo advantage reweighting: GRPO, Dr. GRPO, DAPO, GSPO and SAPO (SPEC §6-7).
+"""Minimal RLVR with DyCo advantage reweighting: GRPO, Dr. GRPO, DAPO, GSPO and SAPO (docs/method.md#advantage-reweighting, #policy-losses).
 
 One file, read top to bottom: the configuration, DyCo as one function from (trace, rewards) to
 advantages, the pieces of a step (sample with online tracing, reward, update), then the loop with
@@ -104,14 +104,14 @@ class RLConfig:
         reward_weights: weight of each reward function by name; the reward is their weighted sum.
             The built-in functions are ``accuracy`` and ``format`` (``dyco_probe.rewards``).
 
-    DyCo (SPEC §6):
+    DyCo (docs/method.md#advantage-reweighting):
         dyco: ``"token"`` (paper), ``"sequence"`` (published code) or ``"off"`` (baseline; no tracing).
         alpha, normalise_over, min_length, tau_vis, tau_txt: scorer knobs (``ScorerConfig``).
         trace_layers: probed layers (``None``: the last; ``"all"``; or indices).
         trace_when_off: also trace and score baseline runs, for the role and ``s_t`` metrics only
             (costs the tracing time; advantages unchanged).
 
-    Optimisation (SPEC §7):
+    Optimisation (docs/method.md#policy-losses):
         algo: ``grpo``, ``dr_grpo``, ``dapo``, ``gspo`` or ``sapo``.
         beta: KL coefficient (``None``: 0.04, and 0 for DAPO). With ``beta = 0`` no reference model
             is kept and KL is not logged.
@@ -323,7 +323,7 @@ class RLConfig:
 def advantages_from_trace(
     trace, rewards: Tensor, group_ids: Tensor, mask: Tensor, scorer: ScorerConfig
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
-    """DyCo (SPEC §6): per-token advantages ``[B, T]`` from a trace and the rewards.
+    """DyCo (docs/method.md#advantage-reweighting): per-token advantages ``[B, T]`` from a trace and the rewards.
 
     Group advantages ``Â_i`` from ``rewards`` within each group, reweighted by the scorer at
     ``scorer.granularity``. ``trace`` is anything with ``[B, T]`` ``r_vis``, ``r_txt``, ``v_vis`` and

@@ -1,4 +1,4 @@
-"""Image and text spans of each sample of a batch (SPEC §1).
+"""Image and text spans of each sample of a batch (docs/method.md#sequences-and-spans).
 
 Positions are columns of the padded batch: `prompt ++ completion`, prompts left- or right-padded to a
 common length `L`, completion columns `L, L+1, ...` (as `generate` lays them out). Everything is

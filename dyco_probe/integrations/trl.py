@@ -93,7 +93,7 @@ def jsonl_dataset(path: str, n: int | None = None):
 
 
 class DyCoGRPOTrainer(GRPOTrainer):
-    """``GRPOTrainer`` with DyCo per-token advantages (SPEC §6).
+    """``GRPOTrainer`` with DyCo per-token advantages (docs/method.md#advantage-reweighting).
 
     Args:
         *args, **kwargs: as for ``trl.GRPOTrainer``.

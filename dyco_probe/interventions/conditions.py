@@ -27,8 +27,8 @@ directory; unknown keys are errors)::
 
     [roles]                          # how role labellers see the trajectories
     layers = "last"                  # probed layers of their trace: "last", "all" or a list
-    tau_vis = 0.0                    # thresholds of the dynamics rules (SPEC §4: fisher_rao, and
-    tau_txt = 0.05                   #   hellinger, l2, ... in their distance's own units)
+    tau_vis = 0.0                    # thresholds of the dynamics rules (docs/method.md#token-roles:
+    tau_txt = 0.05                   #   fisher_rao, hellinger, l2, ... in their distance's units)
     text_span = "post_image"
     # theta = 0.5                    # ratio_threshold only (and theta_txt); its defaults otherwise
 

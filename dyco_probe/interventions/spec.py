@@ -1,4 +1,4 @@
-"""What an intervention changes (SPEC §8): attention logits of chosen layers, heads and key spans.
+"""What an intervention changes (docs/method.md#interventions): attention logits of chosen layers, heads and key spans.
 
 An `Intervention` says *what* to do at every query it is applied to; *which* queries is a separate
 choice (`dyco_probe.interventions.queries`), so one spec runs against a target and its controls.
@@ -13,8 +13,8 @@ included, like `input_ids`; `c0` is the sample's first completion column):
 
 | keys | columns |
 | --- | --- |
-| `image` | the image placeholder tokens (`I`, SPEC §1) |
-| `text` | `X(q)` of SPEC §1 (`text_span` convention), `q` itself included: what `r_txt` measures |
+| `image` | the image placeholder tokens (`I`, docs/method.md#sequences-and-spans) |
+| `text` | `X(q)` of docs/method.md#sequences-and-spans (`text_span` convention), `q` itself included: what `r_txt` measures |
 | `text_history` | `X(q)` without `q`: the text the query reads, not itself |
 | `question` | `X(q)` restricted to the prompt (columns `< c0`) |
 | `completion` | completion columns `c0 .. q` (the chain of thought so far, `q` included) |
@@ -60,7 +60,7 @@ class Intervention:
         scale: λ >= 0; 0 knocks the keys out, 1 is a no-op.
         layers: text-decoder layers (negative count from the end); None = all.
         heads: query heads; None = all.
-        text_span: `"post_image"` (default) or `"all_text"`, for the text-based key spans (SPEC §1).
+        text_span: `"post_image"` (default) or `"all_text"`, for the text-based key spans (docs/method.md#sequences-and-spans).
         key_columns: the columns of `keys="positions"`.
     """
 

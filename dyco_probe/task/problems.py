@@ -11,7 +11,7 @@ and the chain of thought alternates between reading the image and reasoning over
     <think> triangle is red ; red = 3 ; square is blue ; blue = 1 ; 3 + 1 = 4 ;
     circle is green ; green = 7 ; 4 - 7 = -3 </think> <answer> -3 </answer>
 
-Every word of a chain of thought has a known role (SPEC glossary: the ground truth labeller):
+Every word of a chain of thought has a known role (docs/method.md#token-roles: the ground truth labeller):
 
 - ``visual``: a value read from the image (``red`` in ``triangle is red``); its relevant image token is
   the cell of the named object;

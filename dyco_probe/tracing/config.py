@@ -1,4 +1,4 @@
-"""Tracer settings, defaults from SPEC §1-3 and the paper's code."""
+"""Tracer settings, defaults from docs/method.md#sequences-and-spans, #attention-signals, #modality-dynamics and the paper's code."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class TraceConfig:
             (negative count from the end).
         heads: probed query heads (`None` = all); rows are averaged over them, then over layers.
         per_layer: also keep each probed layer's signals (`trace.per_layer`), besides their mean.
-        text_span: `"post_image"` (default) or `"all_text"` (SPEC §1).
+        text_span: `"post_image"` (default) or `"all_text"` (docs/method.md#sequences-and-spans).
         distance: distance for `v_vis`, `v_txt` (`"fisher_rao"` default; see `dyco_probe.distances`).
         image_rows: keep each token's attention row over the image tokens (heat-maps), `[B, T, N_img]`.
         on_missing_image: a prompt without image tokens raises (`"error"`) or is traced with

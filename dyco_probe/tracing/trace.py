@@ -8,7 +8,7 @@
     trace.to_pandas()        # one row per sample x token (x layer)
     trace.save("x.parquet"); Trace.load("x.parquet")
 
-Token `t` (0-based) is `o_{t+1}` of SPEC §1; `v_vis`, `v_txt` at `t = 0` are 0 (no previous step; roles
+Token `t` (0-based) is `o_{t+1}` of docs/method.md#sequences-and-spans; `v_vis`, `v_txt` at `t = 0` are 0 (no previous step; roles
 start at the second token). Values at masked tokens are meaningless and kept only for the layout.
 """
 
@@ -53,7 +53,7 @@ class Trace:
     Attributes:
         token_ids: `[B, T]` long, the completion tokens `o_1..o_T` (pad after the end).
         mask: `[B, T]` bool, True for real tokens.
-        r_vis, r_txt, r_vis_norm, r_txt_norm, v_vis, v_txt: `[B, T]` float32 (SPEC §2-3), averaged over
+        r_vis, r_txt, r_vis_norm, r_txt_norm, v_vis, v_txt: `[B, T]` float32 (docs/method.md#attention-signals, #modality-dynamics), averaged over
             the probed heads and layers.
         token_text: per sample, per token text (when a tokenizer was given), else None.
         layers: probed layers (indices into the text decoder).
@@ -161,7 +161,7 @@ class Trace:
     # -- downstream --------------------------------------------------------------------------
 
     def roles(self, tau_vis: float = 0.0, tau_txt: float = 0.05) -> Tensor:
-        """Token roles (SPEC §4) from `v_vis`, `v_txt`: `[B, T]` long `dyco_probe.roles.Role` values."""
+        """Token roles (docs/method.md#token-roles) from `v_vis`, `v_txt`: `[B, T]` long `dyco_probe.roles.Role` values."""
         from ..roles import label_roles
 
         return label_roles(self.v_vis, self.v_txt, self.mask, tau_vis=tau_vis, tau_txt=tau_txt)

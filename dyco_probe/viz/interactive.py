@@ -93,13 +93,13 @@ def token_timeline(
 
     Top: each token as a cell coloured by its role. Middle: `r_vis` and `r_txt` bars (attention mass
     on the image and on the text span). Bottom: `v_vis` and `v_txt` lines (Fisher–Rao speed of the
-    within-modality attention, SPEC §3), whose difference decides the role. Hovering a token shows
+    within-modality attention, docs/method.md#modality-dynamics), whose difference decides the role. Hovering a token shows
     its text and every value, `s_t` included.
 
     Args:
         trace: a `Trace`.
         sample: row of the trace.
-        roles: `[B, T]` roles from any labeller (default: SPEC §4 on the trace's dynamics).
+        roles: `[B, T]` roles from any labeller (default: docs/method.md#token-roles on the trace's dynamics).
         config: `ScorerConfig` (thresholds).
         title: figure title (default: sample id, correctness and answer).
         max_tokens: show only the first so many tokens.
@@ -268,7 +268,7 @@ def image_view(
     """The image with a token's attention over the image tokens as a heat-map.
 
     Cells are the merged image tokens (the vision tower's output grid); their values are the token's
-    attention on each image token as a share of its attention on the whole image (`p_vis`, SPEC §2).
+    attention on each image token as a share of its attention on the whole image (`p_vis`, docs/method.md#attention-signals).
     With `token=None` a slider steps through every token of the completion (starting at the first
     visual-role one); with `token=t` the view is of that token alone.
 
