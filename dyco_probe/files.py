@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "ensure_parent", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "check_writable", "ensure_parent", "write_bytes_atomic", "write_text_atomic"]
 
 
 def _describe(error: OSError, action: str, path: Path) -> OSError:
@@ -34,6 +34,20 @@ def ensure_parent(path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _describe(e, "create the folder", path.parent) from e
+    return path
+
+
+def check_writable(path) -> Path:
+    """Fail now, with an `OSError` naming `path`, if it could not be written later: its folders are
+    created and a probe file is written next to it and removed. Commands call this before their
+    work, so a read-only or missing output folder costs nothing."""
+    path = ensure_parent(path)
+    probe = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.probe")
+    try:
+        probe.write_bytes(b"")
+    except OSError as e:
+        raise _describe(e, "write", path) from e
+    _remove(probe)
     return path
 
 

@@ -38,6 +38,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import check_writable, write_text_atomic
+
 __all__ = [
     "RunDirectory",
     "build_report",
@@ -429,7 +431,10 @@ def _trace_sections(
             "mean v_vis / v_txt",
             f"{summary['mean_v_vis']:.4f} / {summary['mean_v_txt']:.4f} ({summary['distance']})",
         ),
-        ("role fractions (docs/method.md#token-roles)", ", ".join(f"{k} {v:.3f}" for k, v in summary["role_fractions"].items())),
+        (
+            "role fractions (docs/method.md#token-roles)",
+            ", ".join(f"{k} {v:.3f}" for k, v in summary["role_fractions"].items()),
+        ),
         ("mode / backend", f"{meta.get('mode')} / {meta.get('backend')}"),
     ]
     body = (
@@ -796,7 +801,7 @@ def build_report(
         raise FileNotFoundError(f"the trace {trace} does not exist (given as trace / --trace)")
     if data is not None and not Path(data).is_file():
         raise FileNotFoundError(f"the data file {data} does not exist (given as data / --data)")
-    out = Path(out) if out else run.report
+    out = check_writable(Path(out) if out else run.report)
     options = {
         "run": str(run.root),
         "trace": str(trace or run.trace),
@@ -830,10 +835,7 @@ def build_report(
         f"<nav>{nav}</nav><main><section id='contents'><h2>In this run</h2><ul>{status}</ul></section>{body}</main>"
         "</body></html>"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(document, encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, document)
     return out
 
 

@@ -17,8 +17,10 @@ from dyco_probe.commands import (
 
 def run(args) -> int:
     from dyco_probe.evaluation import evaluate
-    from dyco_probe.files import write_text_atomic
+    from dyco_probe.files import check_writable, write_text_atomic
 
+    if args.out:
+        check_writable(args.out)
     examples, data = load_examples(args)
     handle = load_model(args)
     res = evaluate(

@@ -23,6 +23,7 @@ from dyco_probe.commands import (
     load_examples,
     load_model,
 )
+from dyco_probe.files import check_writable
 
 
 def parse_indices(text: str | None):
@@ -98,6 +99,7 @@ def check_output(out: Path, parts: Path, overwrite: bool) -> None:
         raise ValueError(
             f"{out} already exists (a finished trace); pass --overwrite to replace it, or choose another --out"
         )
+    check_writable(out)
 
 
 def run(args) -> int:
@@ -120,7 +122,9 @@ def run(args) -> int:
     if args.gold:
         missing = [ex.id for ex in examples if ex.completion is None]
         if missing:
-            raise ValueError(f"example {missing[0]!r} has no gold completion (--gold needs a 'completion' key)")
+            raise ValueError(
+                f"example {missing[0]!r} has no gold completion (--gold needs a 'completion' key)"
+            )
         rows, texts = examples, [ex.completion for ex in examples]
     elif args.completions:
         rows, texts = read_completions(args.completions, examples)
