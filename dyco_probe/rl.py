@@ -70,6 +70,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 2000, 200  # examples of the synthetic task when n_train / n_eval are unset
 METRICS = "metrics.jsonl"
 
 
@@ -88,9 +89,13 @@ class RLConfig:
 
     Data:
         data: a VLM-R1 jsonl of training examples; ``None``: the synthetic task's train split.
-        n_train: number of training examples (the first ``n_train`` of ``data``; 0 = all of it).
+        n_train: number of training examples: the first ``n_train`` of ``data`` or of the synthetic
+            split (``None``: every line of ``data``, or 2000 of the synthetic split; 0: all of ``data``).
         eval_data: a jsonl of held-out examples; ``None``: the synthetic split ``eval_split``.
-        eval_split, n_eval: held-out synthetic split and its size (0 disables evaluation).
+        eval_split: held-out synthetic split.
+        n_eval: number of held-out examples: the first ``n_eval`` of ``eval_data`` or of the synthetic
+            split (``None``: every line of ``eval_data``, or 200 of the synthetic split; 0 disables
+            evaluation).
         eval_every: evaluate every so many steps (and always before the first and after the last
             step); 0: only before and after.
         eval_max_new_tokens, eval_batch_size: greedy decoding for evaluation.
@@ -145,10 +150,10 @@ class RLConfig:
     threads: int | None = None
     # data
     data: str | None = None
-    n_train: int = 2000
+    n_train: int | None = None
     eval_data: str | None = None
     eval_split: str = "test"
-    n_eval: int = 200
+    n_eval: int | None = None
     eval_every: int = 50
     eval_max_new_tokens: int = 96
     eval_batch_size: int = 64
@@ -224,7 +229,8 @@ class RLConfig:
             "warmup_steps",
             "min_length",
         ):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            need(value is None or value >= 0, f"{name} must be >= 0, got {value}")
         need(self.dynamic_sampling_rounds >= 0, "dynamic_sampling_rounds must be >= 0")
         need(
             self.grad_accum <= self.prompts_per_step * self.num_generations,
@@ -741,7 +747,8 @@ def _load_data(config: RLConfig, train_examples, eval_examples):
             train_examples = read_jsonl(config.data)
             train_examples = train_examples[: config.n_train] if config.n_train else train_examples
         else:
-            train_examples = synthetic_examples("train", config.n_train)
+            n = SYNTHETIC_TRAIN if config.n_train is None else config.n_train
+            train_examples = synthetic_examples("train", n)
     if not train_examples:
         raise ValueError("the training set is empty (n_train = 0 or an empty data file)")
     if eval_examples is None:
@@ -750,7 +757,8 @@ def _load_data(config: RLConfig, train_examples, eval_examples):
         elif config.eval_data:
             eval_examples = read_jsonl(config.eval_data)[: config.n_eval]
         else:
-            eval_examples = synthetic_examples(config.eval_split, config.n_eval)
+            n = SYNTHETIC_EVAL if config.n_eval is None else config.n_eval
+            eval_examples = synthetic_examples(config.eval_split, n)
     return list(train_examples), list(eval_examples)
 
 
@@ -1110,7 +1118,9 @@ def resume_changes(saved: dict, config: RLConfig) -> dict[str, list]:
     changed = {k: [saved.get(k), now[k]] for k in now if k in saved and saved[k] != now[k]}
     unsafe = {k: v for k, v in changed.items() if k not in RESUME_SAFE}
     if unsafe:
-        listed = "; ".join(f"{k}: the run has {old!r}, now {new!r}" for k, (old, new) in sorted(unsafe.items()))
+        listed = "; ".join(
+            f"{k}: the run has {old!r}, now {new!r}" for k, (old, new) in sorted(unsafe.items())
+        )
         raise ValueError(
             f"resuming {config.out_dir} with settings that differ from the run's ({listed}); a resumed run "
             "keeps its settings (only " + ", ".join(RESUME_SAFE[2:]) + " may change): drop those options, "
