@@ -55,7 +55,7 @@ __all__ = [
 GROUPS = ("correct", "incorrect", "all")
 # per-trajectory features whose AUROC for correctness is reported (column -> description)
 SAMPLE_FEATURES = {
-    "sample_score": "sequence score (scorer, docs/method.md#advantage-reweighting)",
+    "sample_score": "sequence score (scorer)",  # docs/method.md#advantage-reweighting, sequence level
     "mean_s": "mean s_t of non-neutral tokens",
     "frac_visual": "visual-role fraction",
     "switch_rate": "role-switch rate",

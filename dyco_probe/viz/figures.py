@@ -254,7 +254,7 @@ def plot_roc(analysis, ax=None, feature: str = "sample_score"):
 def plot_feature_auroc(analysis, ax=None):
     """AUROC (95% CI) of every per-trajectory feature for correctness; 0.5 is chance."""
     with paper_style():
-        fig, ax = _axes(ax, figsize=(3.6, 2.5))
+        fig, ax = _axes(ax, figsize=(4.8, 2.6))  # room for the feature names and the whole title
         table = analysis.auroc
         y = np.arange(len(table))[::-1]
         for yi, (_, r) in zip(y, table.iterrows()):
@@ -269,7 +269,7 @@ def plot_feature_auroc(analysis, ax=None):
         ax.set_yticks(y, list(table["description"]))
         ax.set_xlim(0, 1)
         ax.set_xlabel("AUROC for correctness (95% CI)")
-        ax.set_title("Which trajectory features predict correctness?")
+        ax.set_title("Which features predict correctness?")
     return fig
 
 
@@ -429,13 +429,18 @@ def plot_intervention_effects(summary, value_label: str | None = None):
     `target`, `mean`, `ci_low`, `ci_high` (e.g. `dyco_probe.interventions.summarize(frame, "dacc",
     ["kind", "keys", "strength", "role_source", "donor", "direction", "layers", "target"])`). Rows
     without a mean (a readout that does not apply, no target token) are not drawn; the caller says
-    which (`condition_label` names them). Raises `ValueError` when no row has a mean.
+    which (`condition_label` names them). Without any mean the figure says so in words.
     """
     import matplotlib.pyplot as plt
 
     frame = summary[summary["mean"].notna()].copy()
-    if frame.empty:
-        raise ValueError("no condition has a value to draw")
+    if frame.empty:  # say so, rather than draw empty axes
+        with paper_style():
+            fig, ax = plt.subplots(figsize=(4.6, 1.2), layout="constrained")
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"not drawn: no condition has a value of {value_label or 'the effect'}",
+                    ha="center", va="center", fontsize=8)  # fmt: skip
+        return fig
     panel_cols = [
         c for c in ("kind", "keys", "strength", "role_source", "donor", "direction") if c in frame.columns
     ]
