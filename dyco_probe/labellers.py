@@ -283,9 +283,7 @@ Labeller = Callable[..., Tensor]
 def _distance_labeller(distance: str) -> Labeller:
     fn = functools.partial(dynamics_rule, distance=distance)
     fn.__name__ = distance
-    fn.__doc__ = (
-        f"docs/method.md#token-roles with {distance} dynamics (needs a trace made with TraceConfig(distance={distance!r}))."
-    )
+    fn.__doc__ = f"docs/method.md#token-roles with {distance} dynamics (needs a trace made with TraceConfig(distance={distance!r}))."
     return fn
 
 

@@ -23,5 +23,10 @@ def register(sub) -> None:
         "--split", default="test", choices=["train", "val", "test"], help="synthetic split (default: test)"
     )
     p.add_argument("--n", type=int, default=200, help="number of examples (default: 200)")
-    p.add_argument("--out", required=True, help="jsonl path; images go next to it, in <stem>_images/ (required)")
-    p.add_argument("--task-config", help="JSON object of TaskConfig knobs, e.g. '{\"max_hops\": 2}' (default: the task's defaults)")
+    p.add_argument(
+        "--out", required=True, help="jsonl path; images go next to it, in <stem>_images/ (required)"
+    )
+    p.add_argument(
+        "--task-config",
+        help="JSON object of TaskConfig knobs, e.g. '{\"max_hops\": 2}' (default: the task's defaults)",
+    )

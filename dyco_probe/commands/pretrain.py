@@ -56,7 +56,11 @@ def install(source: Path, target: Path) -> None:
 
 def register(sub) -> None:
     p = add_command(sub, "pretrain", run, "train the built-in model by supervised fine-tuning (resumable)")
-    p.add_argument("--out", default="runs/pretrain", help="output directory: checkpoint and final model (default: runs/pretrain)")
+    p.add_argument(
+        "--out",
+        default="runs/pretrain",
+        help="output directory: checkpoint and final model (default: runs/pretrain)",
+    )
     p.add_argument("--steps", type=int, default=None, help="language-phase steps (default: 3000; --tiny: 4)")
     p.add_argument(
         "--batch-size", type=int, default=None, help="language-phase batch size (default: 32; --tiny: 4)"
@@ -68,8 +72,16 @@ def register(sub) -> None:
         help="JSON object of TaskConfig knobs for the final task, e.g. '{\"pixel_noise\": 50}' (default: the task's defaults)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    p.add_argument("--tiny", action="store_true", help="a few steps of a tiny model, for tests and smoke runs (default: off)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists (default: resume it)")
     p.add_argument(
-        "--install", action="store_true", help="copy the result to dyco_probe/builtin, the 'builtin' model (default: off)"
+        "--tiny",
+        action="store_true",
+        help="a few steps of a tiny model, for tests and smoke runs (default: off)",
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="start over even if a checkpoint exists (default: resume it)"
+    )
+    p.add_argument(
+        "--install",
+        action="store_true",
+        help="copy the result to dyco_probe/builtin, the 'builtin' model (default: off)",
     )

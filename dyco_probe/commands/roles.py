@@ -90,10 +90,24 @@ def register(sub) -> None:
     p.add_argument("--trace", required=True, help="a parquet trace, from dyco-probe trace --out (required)")
     names = "fisher_rao, hellinger, l2, jensen_shannon, symmetric_kl, ratio_threshold, ground_truth"
     p.add_argument("--labeller", default="fisher_rao", help=f"one of {names} (default: fisher_rao)")
-    p.add_argument("--tau-vis", type=float, default=0.0, help="dynamics rules: visual if delta > tau_vis (default: 0.0)")
-    p.add_argument("--tau-txt", type=float, default=0.05, help="dynamics rules: text if delta < -tau_txt (default: 0.05)")
-    p.add_argument("--theta", type=float, default=0.5, help="ratio_threshold: visual if r_vis_norm > theta (default: 0.5)")
-    p.add_argument("--theta-txt", type=float, default=None, help="ratio_threshold: text if r_vis_norm < this (default: theta)")
+    p.add_argument(
+        "--tau-vis", type=float, default=0.0, help="dynamics rules: visual if delta > tau_vis (default: 0.0)"
+    )
+    p.add_argument(
+        "--tau-txt", type=float, default=0.05, help="dynamics rules: text if delta < -tau_txt (default: 0.05)"
+    )
+    p.add_argument(
+        "--theta",
+        type=float,
+        default=0.5,
+        help="ratio_threshold: visual if r_vis_norm > theta (default: 0.5)",
+    )
+    p.add_argument(
+        "--theta-txt",
+        type=float,
+        default=None,
+        help="ratio_threshold: text if r_vis_norm < this (default: theta)",
+    )
     p.add_argument("--against", help="compare with another labeller, e.g. ground_truth (default: none)")
     p.add_argument(
         "--model", help="where the tokenizer comes from for ground truth (default: the trace's model)"

@@ -103,7 +103,9 @@ def check_device(device: str | None) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not a device torch knows (e.g. cpu, cuda, cuda:1): {e}") from e
+        raise ValueError(
+            f"device {device!r} is not a device torch knows (e.g. cpu, cuda, cuda:1): {e}"
+        ) from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
