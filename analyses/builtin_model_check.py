@@ -145,7 +145,11 @@ def main(argv=None) -> int:
         for subset in SUBSETS:
             rows = [i for i, p in enumerate(problems) if p.subset == subset]
             k = sum(bool(correct[i]) for i in rows)
-            entry = {"n": len(rows), "accuracy": notes[f"accuracy_{subset}"], "ci95": wilson_interval(k, len(rows))}
+            entry = {
+                "n": len(rows),
+                "accuracy": notes[f"accuracy_{subset}"],
+                "ci95": wilson_interval(k, len(rows)),
+            }
             if subset != "no_note":
                 c = sum(noted_lookup(problems[i], completions[i]) == LOOKUP_COPIED for i in rows)
                 entry.update(copy_rate=c / max(len(rows), 1), copy_rate_ci95=wilson_interval(c, len(rows)))

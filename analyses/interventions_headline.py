@@ -1,4 +1,4 @@
-"""Does looking matter, does staying grounded matter? The headline intervention experiment (SPEC §8).
+"""Does looking matter, does staying grounded matter? The headline intervention experiment (docs/method.md#interventions).
 
 Runs the sweep `analyses/sweeps/interventions_headline.toml` on the built-in model (resumable: a
 rerun skips finished conditions; one sweep directory per weights hash, so a retrained checkpoint
@@ -13,8 +13,8 @@ starts afresh) and writes to `figures/`:
   from them;
 - `interventions_headline.png` / `.pdf`: the same effects against the layer window.
 
-An intervention on token `t` acts on the query that produces it (the position of `o_{t-1}`, SPEC
-§2). The regenerated (free-running) completions keep the trajectory up to the first intervened token.
+An intervention on token `t` acts on the query that produces it (the position of `o_{t-1}`,
+docs/method.md#attention-signals). The regenerated (free-running) completions keep the trajectory up to the first intervened token.
 
     python -m analyses.interventions_headline                 # n = 48, about 5 min of CPU
     python -m analyses.interventions_headline --n 16          # a quick look

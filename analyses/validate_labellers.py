@@ -9,8 +9,8 @@ ground truth of the task's grammar (`dyco_probe.task.alignment`). Writes to ``fi
   macro F1 with a 95% bootstrap interval over examples; the same for each probed layer; and the share of
   ground-truth visual tokens whose image attention peaks on the relevant image token (the cell of the
   object the token names), against chance (1 / number of image tokens);
-- ``labeller_threshold_sweep.csv`` and ``labeller_threshold_sweep.{png,pdf}``: macro F1 of the SPEC §4
-  rule over a (tau_vis, tau_txt) grid, and of the ratio baseline over theta. To judge the published
+- ``labeller_threshold_sweep.csv`` and ``labeller_threshold_sweep.{png,pdf}``: macro F1 of the
+  role rule (docs/method.md#token-roles) over a (tau_vis, tau_txt) grid, and of the ratio baseline over theta. To judge the published
   defaults without fooling ourselves, thresholds are chosen on one half of the examples and scored on
   the other (and vice versa); the defaults are scored on the same held-out halves;
 - ``labeller_visual_peaks.csv``: the same peak shares over the tokens each labeller calls visual (ground
@@ -188,7 +188,7 @@ def macro(pred, truth, mask, neutral: str) -> float:
 
 
 def sweep(trace, truth, rows_subset=None) -> list[dict]:
-    """Macro F1 of the SPEC §4 rule over the (tau_vis, tau_txt) grid (on `rows_subset` of the samples)."""
+    """Macro F1 of the role rule (docs/method.md#token-roles) over the (tau_vis, tau_txt) grid (on `rows_subset` of the samples)."""
     from dyco_probe.roles import label_roles
 
     idx = torch.arange(trace.batch_size) if rows_subset is None else rows_subset
@@ -690,7 +690,7 @@ def conclusion(
         if r["labeller"] == "visual_dependency" and r["neutral"] == "excluded" and r["role"] == "visual"
     ]
     out = [
-        f"- Visual vs text (neutral tokens excluded): the SPEC §4 rule with Fisher–Rao dynamics and the published "
+        f"- Visual vs text (neutral tokens excluded): the role rule (docs/method.md#token-roles) with Fisher–Rao dynamics and the published "
         f"thresholds reaches macro F1 {f3(fr['macro_f1'])} [{f3(fr['macro_f1_lo'])}, {f3(fr['macro_f1_hi'])}], "
         f"visual F1 {f3(fr['f1'])} (precision {f3(fr['precision'])}, recall {f3(fr['recall'])}). That is "
         f"{verdict(fr, text_only)} labelling every token text ({f3(text_only['macro_f1'])}), "
@@ -752,7 +752,7 @@ def conclusion(
             "they are kept."
             if gain_exc < 0.02
             else "Tuned thresholds tell visual from text tokens better on held-out examples; the library keeps the "
-            "published defaults (the paper's, SPEC §4) and analyses of this task may pass the tuned ones."
+            "published defaults (the paper's, docs/method.md#token-roles) and analyses of this task may pass the tuned ones."
         )
         + (
             " A wider dead zone buys a little on the three-class score by calling more tokens neutral, which the "
@@ -1045,7 +1045,7 @@ def main() -> None:
             for r in peak_rows
         ],
         "",
-        "## Threshold sweep (SPEC §4 rule, Fisher–Rao, last layer)",
+        "## Threshold sweep (role rule of docs/method.md#token-roles, Fisher–Rao, last layer)",
         "",
         "Δ = v_vis − v_txt by true role (10th / 50th / 90th percentile): "
         + "; ".join(f"{role} {' / '.join(q)}" for role, q in quantiles.items())

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .files import write_text_atomic
 from .generation import Generation, eos_token_ids, generate, images_for
 from .rewards import accuracy_reward, extract_answer, format_reward
 from .roles import ROLE_NAMES
@@ -134,8 +135,8 @@ def concat_traces(traces: Sequence[Trace]) -> Trace:
 
 
 def summarize(trace: Trace) -> dict:
-    """Short numbers of a trace: sizes, mean signals over real tokens, role fractions (SPEC §4 on the
-    trace's own dynamics, published thresholds) and, when recorded, accuracy."""
+    """Short numbers of a trace: sizes, mean signals over real tokens, role fractions (the role rule of
+    docs/method.md#token-roles on the trace's own dynamics, published thresholds) and, when recorded, accuracy."""
     m = trace.mask.bool()
     roles = trace.roles()[m]
     out = {
@@ -184,6 +185,17 @@ def _shown(examples: list, image_mode: str) -> list:
     return out
 
 
+def _check_request(handle, config: TraceConfig, backend: str | None) -> None:
+    """Fail on a bad request before any work is done or any file written: probed layers and heads
+    out of the model's range, an unknown backend."""
+    from .tracing.backends import get_backend
+
+    config.resolve_layers(handle.num_layers)
+    config.resolve_heads(handle.num_heads)
+    if backend is not None:
+        get_backend(backend)
+
+
 def _synthetic_record(example) -> dict | None:
     problem = getattr(example, "problem", None)
     if problem is None:
@@ -214,21 +226,30 @@ def _annotate(tr: Trace, rows: list, texts: list[str], extra: list[dict]) -> Non
 
 
 class _Parts:
-    """Per-batch results on disk, so that a rerun with the same arguments resumes."""
+    """Per-batch results on disk, so that a rerun with the same arguments resumes.
+
+    The manifest (what the parts depend on) is written with the first part, so a run that fails
+    before finishing a batch leaves nothing that could block a corrected rerun; a manifest without
+    any finished part is replaced. Each file is written atomically and a part's `.done` marker last:
+    a part is complete or absent.
+    """
 
     def __init__(self, directory, manifest: dict):
         self.dir = None if directory is None else Path(directory)
+        self.text = json.dumps(manifest, sort_keys=True, default=str)
+        self.ready = False
         if self.dir is None:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / "manifest.json"
-        text = json.dumps(manifest, sort_keys=True, default=str)
-        if path.exists() and path.read_text() != text:
+        if self.finished() and (path.read_text() if path.exists() else None) != self.text:
             raise ValueError(
-                f"{self.dir} holds parts of a different run (other examples or settings); "
-                "remove it or choose another directory"
+                f"{self.dir} holds {len(self.finished())} finished batch(es) of a different run (other "
+                "examples or settings); remove it (the CLI: --overwrite) or choose another output"
             )
-        path.write_text(text)
+
+    def finished(self) -> list[Path]:
+        """The `.done` markers of finished parts."""
+        return sorted(self.dir.glob("part-*.done")) if self.dir is not None and self.dir.is_dir() else []
 
     def load(self, k: int):
         if self.dir is None or not (self.dir / f"part-{k:05d}.done").exists():
@@ -243,11 +264,15 @@ class _Parts:
     def save(self, k: int, tr: Trace, gens: list[Generation] | None) -> None:
         if self.dir is None:
             return
+        if not self.ready:
+            if not self.finished():  # nothing to keep: a stale manifest of a failed run goes
+                write_text_atomic(self.dir / "manifest.json", self.text)
+            self.ready = True
         tr.save(self.dir / f"part-{k:05d}.parquet")
         if gens is not None:
             lines = [json.dumps(dataclasses.asdict(g)) for g in gens]
-            (self.dir / f"part-{k:05d}.jsonl").write_text("\n".join(lines) + "\n")
-        (self.dir / f"part-{k:05d}.done").touch()  # written last: a part is complete or absent
+            write_text_atomic(self.dir / f"part-{k:05d}.jsonl", "\n".join(lines) + "\n")
+        write_text_atomic(self.dir / f"part-{k:05d}.done", "")  # last: a part is complete or absent
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -299,6 +324,11 @@ def trace(
     if not examples:
         raise ValueError("trace needs at least one example")
     config = config or TraceConfig()
+    _check_request(handle, config, backend)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if num_samples > 1 and not do_sample:
+        raise ValueError("num_samples > 1 needs do_sample=True (greedy completions would be identical)")
     shown = _shown(examples, image_mode)
     gen_mode = "blank" if image_mode == "blank" else "normal"
     eos = sorted(eos_token_ids(handle))
@@ -468,6 +498,7 @@ def trace_completions(
 
     examples, completions = list(examples), list(completions)
     config = config or TraceConfig()
+    _check_request(handle, config, backend)
     if len(completions) != len(examples):
         if completions and all(isinstance(c, Generation) for c in completions):
             by_id = {ex.id: ex for ex in examples}

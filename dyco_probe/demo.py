@@ -197,7 +197,7 @@ class Demo:
             f"accuracy {s['accuracy']:.3f} on {s['samples']} problems (format {s['format_rate']:.3f}); with blank "
             f"images {controls['blank']:.3f}, with another problem's image {controls['swap']:.3f}",
             *self._subset_lines([ex.problem for ex in examples], result.records),
-            f"{s['tokens']} completion tokens; roles (SPEC §4, Fisher–Rao): visual {roles['visual']:.3f}, "
+            f"{s['tokens']} completion tokens; roles (docs/method.md#token-roles, Fisher–Rao): visual {roles['visual']:.3f}, "
             f"text {roles['text']:.3f}, neutral {roles['neutral']:.3f}",
         ]
         for wanted in (True, False):  # one correct and one incorrect trajectory, when there are

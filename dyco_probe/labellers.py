@@ -2,7 +2,7 @@
 
     from dyco_probe.labellers import get_labeller, compare_roles
 
-    roles = get_labeller("fisher_rao")(trace)                                  # SPEC §4, the default
+    roles = get_labeller("fisher_rao")(trace)                                  # docs/method.md#token-roles, the default
     truth = get_labeller("ground_truth")(trace, examples=examples, tokenizer=tok)
     compare_roles(roles, truth, trace.mask)                                    # precision / recall / F1
 
@@ -83,7 +83,7 @@ def dynamics_rule(
     tokenizer=None,
     handle=None,
 ) -> Tensor:
-    """SPEC §4 on the trace's dynamics, which must have been measured with `distance`."""
+    """docs/method.md#token-roles on the trace's dynamics, which must have been measured with `distance`."""
     have = trace_distance(trace)
     if have != distance:
         raise ValueError(
@@ -97,7 +97,7 @@ def dynamics_rule(
 def fisher_rao(
     trace, *, tau_vis: float = 0.0, tau_txt: float = 0.05, examples=None, tokenizer=None, handle=None
 ) -> Tensor:
-    """The paper's rule (SPEC §4) with Fisher–Rao dynamics and the published thresholds."""
+    """The paper's rule (docs/method.md#token-roles) with Fisher–Rao dynamics and the published thresholds."""
     return dynamics_rule(trace, "fisher_rao", tau_vis=tau_vis, tau_txt=tau_txt)
 
 
@@ -369,9 +369,7 @@ Labeller = Callable[..., Tensor]
 def _distance_labeller(distance: str) -> Labeller:
     fn = functools.partial(dynamics_rule, distance=distance)
     fn.__name__ = distance
-    fn.__doc__ = (
-        f"SPEC §4 with {distance} dynamics (needs a trace made with TraceConfig(distance={distance!r}))."
-    )
+    fn.__doc__ = f"docs/method.md#token-roles with {distance} dynamics (needs a trace made with TraceConfig(distance={distance!r}))."
     return fn
 
 

@@ -322,7 +322,10 @@ def hint_loss(config: PretrainConfig, probs: dict, hints: dict) -> torch.Tensor:
     if config.table_hint_head is not None:
         terms.append((last, "table", config.table_hint_head, False))
     if config.note_hint_head is not None:
-        terms += [(last, "note_copy", config.note_hint_head, False), (last, "note_read", config.note_hint_head, True)]
+        terms += [
+            (last, "note_copy", config.note_hint_head, False),
+            (last, "note_read", config.note_hint_head, True),
+        ]
     if config.decision_hint_head is not None:
         layer = probs[hinted_layers(config)[0]]
         terms += [
@@ -423,7 +426,9 @@ def lookup_report(handle, problems) -> dict:
     finally:
         model.train(was_training)
     n = max(len(lookups), 1)
-    notes = note_summary(problems, [r["completion"] for r in result.records], [r["correct"] for r in result.records])
+    notes = note_summary(
+        problems, [r["completion"] for r in result.records], [r["correct"] for r in result.records]
+    )
     return {
         "lookup_accuracy": hits / n,
         "attention_peak_rate": peaks / n,
@@ -579,10 +584,10 @@ def pretrain(
 
     model.eval()
     final_dir = out / "model"
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    model.save_pretrained(final_dir)
-    processor.save_pretrained(final_dir)
+    staging = out / ".model.partial"  # renamed to model/ once complete: model/ is never half written
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
     recipe = {
         "command": "dyco-probe " + " ".join(sys.argv[1:]) if sys.argv and "dyco" in sys.argv[0] else None,
         "config": config.to_dict(),
@@ -590,5 +595,8 @@ def pretrain(
         "train_seconds_this_session": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
     }
-    (final_dir / "recipe.json").write_text(json.dumps(recipe, indent=1))
+    (staging / "recipe.json").write_text(json.dumps(recipe, indent=1))
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(staging, final_dir)
     return {"out": str(final_dir), "steps": step, "history": history[-3:]}

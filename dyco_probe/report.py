@@ -38,6 +38,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import check_writable, write_text_atomic
+
 __all__ = [
     "RunDirectory",
     "build_report",
@@ -146,7 +148,7 @@ def _finite(x):
 
 
 def role_agreement(trace, tokenizer, *, examples=None, theta: float = 0.5) -> dict:
-    """The SPEC §4 rule (Fisher–Rao, published thresholds) and the ratio baseline against the synthetic
+    """The token-role rule (docs/method.md#token-roles) (Fisher–Rao, published thresholds) and the ratio baseline against the synthetic
     task's ground-truth roles, neutral tokens excluded and included (`labellers.compare_roles`), and,
     for traces with image rows, where ground-truth visual tokens' image attention peaks
     (`labellers.attention_peak_share`). JSON-ready (NaN -> None)."""
@@ -429,7 +431,10 @@ def _trace_sections(
             "mean v_vis / v_txt",
             f"{summary['mean_v_vis']:.4f} / {summary['mean_v_txt']:.4f} ({summary['distance']})",
         ),
-        ("role fractions (SPEC §4)", ", ".join(f"{k} {v:.3f}" for k, v in summary["role_fractions"].items())),
+        (
+            "role fractions (docs/method.md#token-roles)",
+            ", ".join(f"{k} {v:.3f}" for k, v in summary["role_fractions"].items()),
+        ),
         ("mode / backend", f"{meta.get('mode')} / {meta.get('backend')}"),
     ]
     body = (
@@ -446,7 +451,7 @@ def _trace_sections(
         written = viz.save_token_analysis_figures(analysis, run.figures)
         figures_seen.update(p for paths in written.values() for p in paths)
         body = _note(
-            "Correct vs incorrect trajectories. Roles: SPEC §4 on the trace's Fisher–Rao dynamics (published "
+            "Correct vs incorrect trajectories. Roles: docs/method.md#token-roles on the trace's Fisher–Rao dynamics (published "
             "thresholds); <code>s_t</code>, normalised ratios and the sample score from the scorer. Figures "
             f"(PNG + PDF) in <code>{html.escape(str(run.figures))}</code>."
         )
@@ -472,11 +477,16 @@ def _trace_sections(
         parts.append(f'<div class="plot">{viz.figure_html(viz.token_timeline(trace, i))}</div>')
     if picked and trace.image_rows is not None:
         try:
-            fig = viz.image_view(trace, picked[0], examples=examples)
+            counts, _ = viz.image_token_layout(trace, picked[0])
             parts.append(
-                _note("Attention of each token over the image (slider: the token; cells: image tokens).")
-                + f'<div class="plot">{viz.figure_html(fig)}</div>'
+                _note(
+                    "Attention of each token over the image (slider: the token; cells: image tokens)"
+                    + (f", one view per image of the prompt's {len(counts)}." if len(counts) > 1 else ".")
+                )
             )
+            for k in range(len(counts)):
+                fig = viz.image_view(trace, picked[0], examples=examples, image_index=k)
+                parts.append(f'<div class="plot">{viz.figure_html(fig)}</div>')
         except (ValueError, IndexError) as e:
             parts.append(_note(f"No image view: {html.escape(str(e))}"))
     elif picked:
@@ -608,27 +618,68 @@ def _intervention_section(page: _Page, run: RunDirectory, options: dict, seen: s
         frame = pd.read_parquet(results)
         ok = frame[frame["status"] == "ok"]
         errors = int((frame["status"] != "ok").sum())
-        by = [c for c in ("kind", "keys", "strength", "role_source", "layers", "target") if c in ok.columns]
+        by = [
+            c
+            for c in ("kind", "keys", "strength", "role_source", "donor", "direction", "layers", "target")
+            if c in ok.columns
+        ]
         manifest = (
             json.loads((sweep / "manifest.json").read_text()) if (sweep / "manifest.json").exists() else {}
         )
         parts.append(
             title
             + _note(
-                f"{ok['item_index'].nunique()} items, {ok['condition_id'].nunique()} conditions, {len(frame)} rows "
+                f"{ok['item_index'].nunique()} items, {frame['condition_id'].nunique()} conditions, {len(frame)} rows "
                 f"({errors} errors). Mean per-item effect with bootstrap 95% CI."
             )
         )
         for value, label in readouts.items():
-            if value not in ok.columns or ok[value].isna().all():
+            if value not in frame.columns:
                 continue
-            summary = summarize(ok, value, by, n_boot=options["n_boot"])
             parts.append(f"<h4>{html.escape(label)}</h4>")
-            parts.append(_figure_html(viz.plot_intervention_effects(summary, label), label))
-            parts.append(f"<details><summary>table</summary>{_table_html(summary)}</details>")
+            summary = summarize(ok, value, by, n_boot=options["n_boot"]) if len(ok) else pd.DataFrame()
+            if len(summary) and summary["mean"].notna().any():
+                parts.append(_figure_html(viz.plot_intervention_effects(summary, label), label))
+                parts.append(f"<details><summary>table</summary>{_table_html(summary)}</details>")
+            parts.append(_undrawn_html(frame, value, by))
         if manifest:
             parts.append(f"<details><summary>manifest</summary>{_json_html(manifest)}</details>")
     page.add("interventions", "Interventions", "".join(parts))
+
+
+def _why_not_drawn(rows, value: str) -> str | None:
+    """Why a condition's rows (all its items) give no effect to draw for `value`; None if they do."""
+    ok = rows[rows["status"] == "ok"]
+    if ok[value].notna().any():
+        return None
+    if ok.empty:
+        return "every item failed (see the error rows of results.parquet)"
+    if str(ok["kind"].iloc[0]).startswith("patch_") and value in ("dacc",):
+        return "activation patching has no free-running readout (patched values exist along the reference trajectory only)"
+    if "n_targets" in ok and (ok["n_targets"].fillna(0) == 0).all():
+        return "no item had a target token (none of the completions has a token of that role)"
+    return "this readout was not run (see [readouts] in the sweep file)"
+
+
+def _undrawn_html(frame, value: str, by: list[str]) -> str:
+    """A note listing every condition of a sweep that has no drawn effect for `value`, and why."""
+    from .viz import condition_label
+
+    reasons: dict[str, list[str]] = {}
+    for _, rows in frame.groupby("condition_id", sort=False):
+        why = _why_not_drawn(rows, value)
+        if why is not None:
+            reasons.setdefault(why, []).append(condition_label({c: rows[c].iloc[0] for c in by}))
+    if not reasons:
+        return ""
+    items = "".join(
+        f"<li>{html.escape(why)}:<ul>"
+        + "".join(f"<li>{html.escape(x)}</li>" for x in sorted(set(names)))
+        + "</ul></li>"
+        for why, names in reasons.items()
+    )
+    n = sum(len(v) for v in reasons.values())
+    return _note(f"Not drawn ({n} condition(s)):<ul>{items}</ul>")
 
 
 def _rl_section(page: _Page, run: RunDirectory, seen: set) -> None:
@@ -745,7 +796,12 @@ def build_report(
     run = RunDirectory(run)
     if not run.root.is_dir():
         raise FileNotFoundError(f"{run.root} is not a directory (a run directory: see dyco_probe.report)")
-    out = Path(out) if out else run.report
+    # inputs named explicitly must exist; parts merely absent from the run directory are listed as missing
+    if trace is not None and not Path(trace).is_file():
+        raise FileNotFoundError(f"the trace {trace} does not exist (given as trace / --trace)")
+    if data is not None and not Path(data).is_file():
+        raise FileNotFoundError(f"the data file {data} does not exist (given as data / --data)")
+    out = check_writable(Path(out) if out else run.report)
     options = {
         "run": str(run.root),
         "trace": str(trace or run.trace),
@@ -779,10 +835,7 @@ def build_report(
         f"<nav>{nav}</nav><main><section id='contents'><h2>In this run</h2><ul>{status}</ul></section>{body}</main>"
         "</body></html>"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(document, encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, document)
     return out
 
 

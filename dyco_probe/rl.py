@@ -1,4 +1,4 @@
-"""Minimal RLVR with DyCo advantage reweighting: GRPO, Dr. GRPO, DAPO, GSPO and SAPO (SPEC §6-7).
+"""Minimal RLVR with DyCo advantage reweighting: GRPO, Dr. GRPO, DAPO, GSPO and SAPO (docs/method.md#advantage-reweighting, #policy-losses).
 
 One file, read top to bottom: the configuration, DyCo as one function from (trace, rewards) to
 advantages, the pieces of a step (sample with online tracing, reward, update), then the loop with
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import inspect
 import json
 import math
@@ -47,6 +48,7 @@ import torch
 from torch import Tensor
 
 from dyco_probe.distances import DISTANCES
+from dyco_probe.files import atomic_path, write_text_atomic
 from dyco_probe.labellers import check_options, get_labeller
 from dyco_probe.losses import LOSSES, LossConfig, dynamic_sampling_mask, policy_loss
 from dyco_probe.roles import Role
@@ -73,6 +75,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 2000, 200  # examples of the synthetic task when n_train / n_eval are unset
 METRICS = "metrics.jsonl"
 
 
@@ -91,9 +94,13 @@ class RLConfig:
 
     Data:
         data: a VLM-R1 jsonl of training examples; ``None``: the synthetic task's train split.
-        n_train: number of training examples (the first ``n_train`` of ``data``; 0 = all of it).
+        n_train: number of training examples: the first ``n_train`` of ``data`` or of the synthetic
+            split (``None``: every line of ``data``, or 2000 of the synthetic split; 0: all of ``data``).
         eval_data: a jsonl of held-out examples; ``None``: the synthetic split ``eval_split``.
-        eval_split, n_eval: held-out synthetic split and its size (0 disables evaluation).
+        eval_split: held-out synthetic split.
+        n_eval: number of held-out examples: the first ``n_eval`` of ``eval_data`` or of the synthetic
+            split (``None``: every line of ``eval_data``, or 200 of the synthetic split; 0 disables
+            evaluation).
         eval_every: evaluate every so many steps (and always before the first and after the last
             step); 0: only before and after.
         eval_max_new_tokens, eval_batch_size: greedy decoding for evaluation.
@@ -107,11 +114,11 @@ class RLConfig:
         reward_weights: weight of each reward function by name; the reward is their weighted sum.
             The built-in functions are ``accuracy`` and ``format`` (``dyco_probe.rewards``).
 
-    DyCo (SPEC §6):
+    DyCo (docs/method.md#advantage-reweighting):
         dyco: ``"token"`` (paper), ``"sequence"`` (published code) or ``"off"`` (baseline; no tracing).
         alpha, normalise_over, min_length, tau_vis, tau_txt: scorer knobs (``ScorerConfig``).
         trace_layers: probed layers (``None``: the last; ``"all"``; or indices).
-        roles: where the token roles come from: ``"fisher_rao"`` (SPEC §4 on the traced dynamics, with
+        roles: where the token roles come from: ``"fisher_rao"`` (docs/method.md#token-roles on the traced dynamics, with
             ``tau_vis``, ``tau_txt``) or any other labeller of ``dyco_probe.labellers``, run on each
             batch's rollout, e.g. ``"visual_dependency"`` (one extra teacher-forced forward per batch,
             real and counterfactual image together) or ``"ground_truth"`` (synthetic task, an oracle).
@@ -121,7 +128,7 @@ class RLConfig:
         trace_when_off: also trace and score baseline runs, for the role and ``s_t`` metrics only
             (costs the tracing time; advantages unchanged).
 
-    Optimisation (SPEC §7):
+    Optimisation (docs/method.md#policy-losses):
         algo: ``grpo``, ``dr_grpo``, ``dapo``, ``gspo`` or ``sapo``.
         beta: KL coefficient (``None``: 0.04, and 0 for DAPO). With ``beta = 0`` no reference model
             is kept and KL is not logged.
@@ -155,10 +162,10 @@ class RLConfig:
     threads: int | None = None
     # data
     data: str | None = None
-    n_train: int = 2000
+    n_train: int | None = None
     eval_data: str | None = None
     eval_split: str = "test"
-    n_eval: int = 200
+    n_eval: int | None = None
     eval_every: int = 50
     eval_max_new_tokens: int = 96
     eval_batch_size: int = 64
@@ -236,7 +243,8 @@ class RLConfig:
             "warmup_steps",
             "min_length",
         ):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            need(value is None or value >= 0, f"{name} must be >= 0, got {value}")
         need(self.dynamic_sampling_rounds >= 0, "dynamic_sampling_rounds must be >= 0")
         need(
             self.grad_accum <= self.prompts_per_step * self.num_generations,
@@ -322,6 +330,30 @@ class RLConfig:
             d["trace_layers"] = list(self.trace_layers)
         return d
 
+    @classmethod
+    def from_run(cls, out_dir, **overrides) -> RLConfig:
+        """The settings of the run in ``out_dir`` (its ``config.json``), to resume it.
+
+        ``overrides`` may change what leaves the results as they are (``RESUME_SAFE``: ``steps``,
+        ``eval_every``, ``threads``, ...; ``train`` records the change in ``metrics.jsonl``); any
+        other setting that differs from the run's is a ``ValueError`` naming it, since the
+        continuation would no longer be the run it claims to be.
+        """
+        path = Path(out_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{out_dir} holds no run to resume (no config.json); start it without --resume / resume=True"
+            )
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); the run's settings cannot be read") from e
+        known = {f.name for f in dataclasses.fields(cls)}
+        base = cls(**{k: v for k, v in saved.items() if k in known})
+        config = dataclasses.replace(base, **overrides, out_dir=str(out_dir), resume=True)
+        resume_changes(base.to_dict(), config)
+        return config
+
 
 # -- DyCo: (trace, rewards) -> advantages ----------------------------------------------------------
 
@@ -334,12 +366,12 @@ def advantages_from_trace(
     scorer: ScorerConfig,
     roles: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
-    """DyCo (SPEC §6): per-token advantages ``[B, T]`` from a trace and the rewards.
+    """DyCo (docs/method.md#advantage-reweighting): per-token advantages ``[B, T]`` from a trace and the rewards.
 
     Group advantages ``Â_i`` from ``rewards`` within each group, reweighted by the scorer at
     ``scorer.granularity``. ``trace`` is anything with ``[B, T]`` ``r_vis``, ``r_txt``, ``v_vis`` and
     ``v_txt`` (a ``dyco_probe.tracing.Trace``, or a ``Rollout``'s signals); it may be ``None`` for
-    ``granularity="off"``. ``roles`` (``[B, T]``) replaces the SPEC §4 roles of the trace's dynamics
+    ``granularity="off"``. ``roles`` (``[B, T]``) replaces the roles (docs/method.md#token-roles) of the trace's dynamics
     (``rollout_roles``). Returns the advantages (0 off the mask) and the scorer's output (``None``
     without a trace).
     """
@@ -655,12 +687,10 @@ def _seed_everything(seed: int) -> None:
 
 def _atomic_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _lr_lambda(warmup_steps: int):
@@ -727,7 +757,7 @@ class _Log:
                 rec = json.loads(line)
                 if rec["step"] <= keep_until:  # drop what a killed run logged after its checkpoint
                     self.records.append(rec)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.file = self.path.open("a")
         self.tb = None
         if tensorboard:
@@ -753,12 +783,10 @@ class _Log:
             if not rows:
                 continue
             columns = list(dict.fromkeys(k for r in rows for k in r))
-            tmp = self.out_dir / f".{name}.tmp"
-            with tmp.open("w", newline="") as f:
+            with atomic_path(self.out_dir / name) as tmp, tmp.open("w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=columns)
                 writer.writeheader()
                 writer.writerows(rows)
-            os.replace(tmp, self.out_dir / name)
 
     def close(self) -> None:
         self.file.close()
@@ -793,7 +821,8 @@ def _load_data(config: RLConfig, train_examples, eval_examples):
             train_examples = read_jsonl(config.data)
             train_examples = train_examples[: config.n_train] if config.n_train else train_examples
         else:
-            train_examples = synthetic_examples("train", config.n_train)
+            n = SYNTHETIC_TRAIN if config.n_train is None else config.n_train
+            train_examples = synthetic_examples("train", n)
     if not train_examples:
         raise ValueError("the training set is empty (n_train = 0 or an empty data file)")
     if eval_examples is None:
@@ -802,7 +831,8 @@ def _load_data(config: RLConfig, train_examples, eval_examples):
         elif config.eval_data:
             eval_examples = read_jsonl(config.eval_data)[: config.n_eval]
         else:
-            eval_examples = synthetic_examples(config.eval_split, config.n_eval)
+            n = SYNTHETIC_EVAL if config.n_eval is None else config.n_eval
+            eval_examples = synthetic_examples(config.eval_split, n)
     return list(train_examples), list(eval_examples)
 
 
@@ -944,17 +974,22 @@ def train(
     scorer, loss_cfg = config.scorer(), config.loss_config()
 
     start, position, initial_eval, last_eval = 0, 0, None, None
+    changes: dict = {}
     if config.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        _warn_config_changes(state["config"], config)
+        changes = resume_changes(state["config"], config)
+        if config.steps < state["step"]:
+            raise ValueError(f"steps = {config.steps} is below the {state['step']} steps {out_dir} has done")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start, position = state["step"], state["data_position"]
         initial_eval, last_eval = state["initial_eval"], state["last_eval"]
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_text_atomic(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     log = _Log(out_dir, keep_until=start if start > 0 else -1, tensorboard=config.tensorboard)
+    if changes:  # what a resume changed, where the run's history is
+        log.write({"kind": "resume", "step": start, "changed": changes})
 
     def save_checkpoint(step: int) -> None:
         state = {
@@ -1158,15 +1193,33 @@ def _save_model(handle, path: Path) -> Path:
     return path
 
 
-_RESUME_SAFE = {"steps", "resume", "threads", "checkpoint_every", "tensorboard", "eval_every", "out_dir"}
+# Settings a resumed run may change: where and how fast it runs, how long, how often it evaluates
+# and checkpoints. Everything else decides what the run computes.
+RESUME_SAFE = (
+    "out_dir",
+    "resume",
+    "steps",
+    "threads",
+    "device",
+    "eval_every",
+    "checkpoint_every",
+    "tensorboard",
+)
 
 
-def _warn_config_changes(saved: dict, config: RLConfig) -> None:
+def resume_changes(saved: dict, config: RLConfig) -> dict[str, list]:
+    """The resume-safe settings in which ``config`` differs from a run's saved ones, as
+    ``{name: [saved, now]}``; a difference in any other setting is a ``ValueError`` naming each."""
     now = config.to_dict()
-    changed = sorted(k for k in now if k not in _RESUME_SAFE and saved.get(k) != now[k])
-    if changed:
-        warnings.warn(
-            f"resuming with settings that differ from the checkpoint's ({', '.join(changed)}); "
-            "the continuation will not match an uninterrupted run",
-            stacklevel=3,
+    changed = {k: [saved.get(k), now[k]] for k in now if k in saved and saved[k] != now[k]}
+    unsafe = {k: v for k, v in changed.items() if k not in RESUME_SAFE}
+    if unsafe:
+        listed = "; ".join(
+            f"{k}: the run has {old!r}, now {new!r}" for k, (old, new) in sorted(unsafe.items())
         )
+        raise ValueError(
+            f"resuming {config.out_dir} with settings that differ from the run's ({listed}); a resumed run "
+            "keeps its settings (only " + ", ".join(RESUME_SAFE[2:]) + " may change): drop those options, "
+            "or start a new run in another directory"
+        )
+    return {k: v for k, v in changed.items() if k not in ("out_dir", "resume")}

@@ -1,4 +1,4 @@
-"""Token roles from modality dynamics (SPEC §4)."""
+"""Token roles from modality dynamics (docs/method.md#token-roles)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def label_roles(
     The defaults are the published code's asymmetric thresholds.
 
     Args:
-        v_vis, v_txt: ``[B, T]`` dynamics (SPEC §3); their values at ``t = 0`` are ignored.
+        v_vis, v_txt: ``[B, T]`` dynamics (docs/method.md#modality-dynamics); their values at ``t = 0`` are ignored.
         mask: ``[B, T]`` bool, True for real completion tokens (right-padded).
         tau_vis, tau_txt: thresholds; the visual and text regions must not overlap
             (``tau_vis >= −tau_txt``).

@@ -74,7 +74,7 @@ def text_rows(inputs):
     return inputs["attention_mask"].bool() & (inputs["input_ids"] != TINY_TOKENS.image)
 
 
-# -- the sanity property of SPEC §8 ---------------------------------------------------------------
+# -- the sanity property of docs/method.md#interventions ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("factory", [tiny_qwen2_5_vl, tiny_llava], ids=["qwen2.5-vl", "llava"])

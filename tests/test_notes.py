@@ -162,7 +162,10 @@ def test_note_interventions_read_and_copied_chains(mini):
         assert decision[p.id, "copied"] == value[p.id, "copied"] - 1
     assert frame["dlogp_target"].notna().all()
     summary = summarise_interventions(frame, n_boot=50)
-    assert {(r["intervention"], r["form"]) for r in summary} >= {("image@value", "read"), ("note@value", "copied")}
+    assert {(r["intervention"], r["form"]) for r in summary} >= {
+        ("image@value", "read"),
+        ("note@value", "copied"),
+    }
 
 
 def test_copy_vs_read_detection_on_an_untrained_model(mini):

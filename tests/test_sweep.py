@@ -239,8 +239,9 @@ def test_rerun_skips_finished_work_and_new_grid_entries_run(tmp_path, handle, re
         run_sweep(other, handle=handle, progress=False)
 
 
-def test_a_failing_item_is_recorded_and_not_fatal(tmp_path, handle):
-    from dyco_probe.data import synthetic_examples, write_jsonl
+def test_a_failing_item_is_recorded_and_not_fatal(tmp_path, handle, monkeypatch):
+    import dyco_probe.interventions.sweep as sweep_module
+    from dyco_probe.data import DataError, synthetic_examples, write_jsonl
 
     data = write_jsonl(synthetic_examples("test", 4), tmp_path / "data" / "d.jsonl")
     broken = sorted((tmp_path / "data" / "d_images").glob("*.png"))[1]
@@ -248,6 +249,20 @@ def test_a_failing_item_is_recorded_and_not_fatal(tmp_path, handle):
     broken.write_bytes(b"not a png")
     text = SWEEP.replace('split = "test"', f'jsonl = "{data}"')
     config = SweepConfig.load(write(tmp_path, text))
+    with pytest.raises(DataError, match=r"d\.jsonl:2: image file .* is not a readable image"):
+        run_sweep(config, handle=handle, progress=False)  # a bad image is found before any work
+
+    # an image that goes bad after the data was read fails its item only
+    broken.write_bytes(good)
+    read = sweep_module.sweep_examples
+
+    def read_then_break(config):
+        broken.write_bytes(good)
+        examples = read(config)
+        broken.write_bytes(b"not a png")
+        return examples
+
+    monkeypatch.setattr(sweep_module, "sweep_examples", read_then_break)
     summary = run_sweep(config, handle=handle, progress=False)
     frame = pd.read_parquet(Path(config.out) / "results.parquet")
     bad = frame[frame["status"] == "error"]
@@ -256,6 +271,7 @@ def test_a_failing_item_is_recorded_and_not_fatal(tmp_path, handle):
     assert (frame[frame["item_index"] != 1]["status"] == "ok").all() and len(frame) == 4 * N_CONDITIONS
 
     assert run_sweep(config, handle=handle, progress=False).rows_written == 0  # errors count as done...
+    monkeypatch.undo()
     broken.write_bytes(good)
     retry = run_sweep(config, handle=handle, progress=False, retry_failed=True)  # ...unless retried
     assert retry.rows_written == N_CONDITIONS and retry.errors == 0
@@ -289,7 +305,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path, reference):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f'"rows_skipped": {len(partial)}' in done.stdout
     check_complete(pd.read_parquet(tmp_path / "out" / "results.parquet"), reference)
-    assert not list(units.glob("*.parquet")) and not list((tmp_path / "out").rglob(".tmp-*"))
+    assert not list(units.glob("*.parquet")) and not list((tmp_path / "out").rglob(".*.partial"))
 
 
 def _free_port() -> int:

@@ -123,7 +123,7 @@ def test_trace_completions_from_eval_records(checkpoint, tmp_path, capsys):
             "--completions",
             str(records),
             "--out",
-            str(out),
+            str(tmp_path / "other.parquet"),
         ]
     )
     assert code == 2 and "not among the loaded examples" in capsys.readouterr().err

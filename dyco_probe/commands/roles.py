@@ -111,49 +111,67 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = add_command(sub, "roles", run, "label a saved trace's tokens with a role labeller and summarise")
-    p.add_argument("--trace", required=True, help="a parquet trace (dyco-probe trace --out)")
+    p.add_argument("--trace", required=True, help="a parquet trace, from dyco-probe trace --out (required)")
     from dyco_probe.counterfactual import COUNTERFACTUALS
     from dyco_probe.dependency import DIVERGENCES
     from dyco_probe.labellers import DEPENDENCY_DEFAULTS, LABELLERS
 
     d = DEPENDENCY_DEFAULTS
-    p.add_argument("--labeller", default="fisher_rao", help=f"one of {', '.join(LABELLERS)}")
-    p.add_argument("--tau-vis", type=float, default=0.0, help="dynamics rules: visual if delta > tau_vis")
-    p.add_argument("--tau-txt", type=float, default=0.05, help="dynamics rules: text if delta < -tau_txt")
-    p.add_argument("--theta", type=float, default=0.5, help="ratio_threshold: visual if r_vis_norm > theta")
-    p.add_argument("--theta-txt", type=float, default=None, help="ratio_threshold: text if r_vis_norm < this")
+    p.add_argument(
+        "--labeller", default="fisher_rao", help=f"one of {', '.join(LABELLERS)} (default: fisher_rao)"
+    )
+    p.add_argument(
+        "--tau-vis", type=float, default=0.0, help="dynamics rules: visual if delta > tau_vis (default: 0.0)"
+    )
+    p.add_argument(
+        "--tau-txt", type=float, default=0.05, help="dynamics rules: text if delta < -tau_txt (default: 0.05)"
+    )
+    p.add_argument(
+        "--theta",
+        type=float,
+        default=0.5,
+        help="ratio_threshold: visual if r_vis_norm > theta (default: 0.5)",
+    )
+    p.add_argument(
+        "--theta-txt",
+        type=float,
+        default=None,
+        help="ratio_threshold: text if r_vis_norm < this (default: theta)",
+    )
     p.add_argument(
         "--visual-above",
         type=float,
-        help=f"visual_dependency: visual if the score > this, in nats (default {d['visual_above']})",
+        help=f"visual_dependency: visual if the score > this, in nats (default: {d['visual_above']})",
     )
     p.add_argument(
         "--text-below",
         type=float,
-        help=f"visual_dependency: text if the score < this, in nats (default {d['text_below']})",
+        help=f"visual_dependency: text if the score < this, in nats (default: {d['text_below']})",
     )
     p.add_argument(
         "--counterfactual",
         choices=COUNTERFACTUALS,
-        help=f"visual_dependency: the image compared with the real one (default {d['counterfactual']})",
+        help=f"visual_dependency: the image compared with the real one (default: {d['counterfactual']})",
     )
     p.add_argument(
         "--divergence",
         choices=DIVERGENCES,
-        help=f"visual_dependency: kl (full distributions) or k3 (sampled token) (default {d['divergence']})",
+        help=f"visual_dependency: kl (full distributions) or k3 (sampled token) (default: {d['divergence']})",
     )
     p.add_argument(
         "--mask-fraction",
         type=float,
-        help=f"visual_dependency, patches: share of patches blacked out (default {d['mask_fraction']})",
+        help=f"visual_dependency, patches: share of patches blacked out (default: {d['mask_fraction']})",
     )
     p.add_argument(
         "--patch-size",
         type=int,
         help="visual_dependency, patches: patch side in pixels (default: one image token)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="visual_dependency: completions per forward")
-    p.add_argument("--against", help="compare with another labeller (e.g. ground_truth)")
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="visual_dependency: completions per forward (default: 32)"
+    )
+    p.add_argument("--against", help="compare with another labeller, e.g. ground_truth (default: none)")
     p.add_argument(
         "--model",
         help="the model (visual_dependency) or its tokenizer (ground truth); default: the trace's model",
@@ -162,4 +180,4 @@ def register(sub) -> None:
     p.add_argument(
         "--data", help="a jsonl of the trace's examples (default: rebuilt from a synthetic trace's records)"
     )
-    p.add_argument("--out", help="save the roles tensor here (torch.save)")
+    p.add_argument("--out", help="save the roles tensor here with torch.save (default: none)")

@@ -22,7 +22,7 @@ generated ids, so it works whatever generated them.
     )
     trainer.train()
 
-Roles come from the traced dynamics (SPEC §4, ``roles="fisher_rao"``) or, with
+Roles come from the traced dynamics (docs/method.md#token-roles, ``roles="fisher_rao"``) or, with
 ``roles="visual_dependency"``, from the counterfactual labeller (``dyco_probe.labellers``): one more
 teacher-forced forward without gradient, the batch with its real images and with counterfactual ones
 (``role_options``: ``counterfactual``, ``divergence``, thresholds; ``dyco_probe.counterfactual``).
@@ -106,14 +106,14 @@ def jsonl_dataset(path: str, n: int | None = None):
 
 
 class DyCoGRPOTrainer(GRPOTrainer):
-    """``GRPOTrainer`` with DyCo per-token advantages (SPEC §6).
+    """``GRPOTrainer`` with DyCo per-token advantages (docs/method.md#advantage-reweighting).
 
     Args:
         *args, **kwargs: as for ``trl.GRPOTrainer``.
         dyco: the scorer's settings; ``granularity="off"`` makes this exactly ``GRPOTrainer``.
         trace_config: what to trace (``dyco_probe.tracing.TraceConfig``; default: last layer, all heads).
         image_token_id: the image placeholder id (default: from the model config).
-        roles: ``"fisher_rao"`` (SPEC §4 on the traced dynamics, the scorer's thresholds) or
+        roles: ``"fisher_rao"`` (docs/method.md#token-roles on the traced dynamics, the scorer's thresholds) or
             ``"visual_dependency"`` (counterfactual; one more forward per batch).
         role_options: options of ``visual_dependency`` (``dyco_probe.labellers.DEPENDENCY_DEFAULTS``
             and ``patch_size``, ``seed``); errors name the dataset row's ``id`` column when it has one.

@@ -1,4 +1,4 @@
-"""Causal interventions on attention and activations, readouts, statistics and sweeps (SPEC §8).
+"""Causal interventions on attention and activations, readouts, statistics and sweeps (docs/method.md#interventions).
 
     from dyco_probe.interventions import Intervention, intervene, token_columns, select_tokens
 

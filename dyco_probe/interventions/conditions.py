@@ -27,8 +27,8 @@ directory; unknown keys are errors)::
 
     [roles]                          # how role labellers see the trajectories
     layers = "last"                  # probed layers of their trace: "last", "all" or a list
-    tau_vis = 0.0                    # thresholds of the dynamics rules (SPEC §4: fisher_rao, and
-    tau_txt = 0.05                   #   hellinger, l2, ... in their distance's own units)
+    tau_vis = 0.0                    # thresholds of the dynamics rules (docs/method.md#token-roles:
+    tau_txt = 0.05                   #   fisher_rao, hellinger, l2, ... in their distance's units)
     text_span = "post_image"
     # theta = 0.5                    # ratio_threshold only (and theta_txt); its defaults otherwise
     # counterfactual = "blank"       # visual_dependency only: "blank", "patches" or "swap", with
@@ -383,9 +383,12 @@ def _heads(spec, num_heads: int) -> list[tuple[int, ...] | None]:
         return [None]
     if spec == "each":
         return [(h,) for h in range(num_heads)]
-    heads = tuple(sorted({int(h) for h in _as_list(spec)}))
+    try:
+        heads = tuple(sorted({int(h) for h in _as_list(spec)}))
+    except (TypeError, ValueError):
+        raise ValueError(f"bad head selection {spec!r}; use all, each, N or a list of ints") from None
     if any(h < 0 or h >= num_heads for h in heads):
-        raise ValueError(f"heads {spec} out of range for {num_heads} heads")
+        raise ValueError(f"heads {spec} out of range: the model has {num_heads} heads (0 to {num_heads - 1})")
     return [heads]
 
 
@@ -396,10 +399,14 @@ def _needs_roles(target: str) -> bool:
 def expand_conditions(config: SweepConfig, num_layers: int, num_heads: int) -> list[Condition]:
     """Every condition of the sweep, in a fixed order (slices, grids, then the grid's axes), without duplicates."""
     out: dict[str, Condition] = {}
+    where = config.path or "sweep"
     for sl in config.slices:
-        for g in config.grids:
-            windows = [w for spec in g.layers for w in parse_layers(spec, num_layers)]
-            heads = [h for spec in g.heads for h in _heads(spec, num_heads)]
+        for k, g in enumerate(config.grids):
+            try:
+                windows = [w for spec in g.layers for w in parse_layers(spec, num_layers)]
+                heads = [h for spec in g.heads for h in _heads(spec, num_heads)]
+            except ValueError as e:
+                raise ValueError(f"{where} grid {k}: {e}") from None
             if g.patch == "image_states":
                 axes = [("", math.nan, "", "", w, None) for w in windows]
             elif g.patch == "attention_output":

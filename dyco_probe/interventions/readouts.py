@@ -1,4 +1,4 @@
-"""Reading out an intervention's effect, teacher-forced or free-running (SPEC §8).
+"""Reading out an intervention's effect, teacher-forced or free-running (docs/method.md#interventions).
 
 Layout: the prompt batch is left-padded to `L` columns and completions are right-padded after it
 (the layout of `generate` and of `trace_offline`), so completion token `t` sits in column `L + t`

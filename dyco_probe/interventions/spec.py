@@ -1,4 +1,4 @@
-"""What an intervention changes (SPEC §8): attention logits of chosen layers, heads and key spans.
+"""What an intervention changes (docs/method.md#interventions): attention logits of chosen layers, heads and key spans.
 
 An `Intervention` says *what* to do at every query it is applied to; *which* queries is a separate
 choice (`dyco_probe.interventions.queries`), so one spec runs against a target and its controls.
@@ -13,8 +13,8 @@ included, like `input_ids`; `c0` is the sample's first completion column):
 
 | keys | columns |
 | --- | --- |
-| `image` | the image placeholder tokens (`I`, SPEC §1) |
-| `text` | `X(q)` of SPEC §1 (`text_span` convention), `q` itself included: what `r_txt` measures |
+| `image` | the image placeholder tokens (`I`, docs/method.md#sequences-and-spans) |
+| `text` | `X(q)` of docs/method.md#sequences-and-spans (`text_span` convention), `q` itself included: what `r_txt` measures |
 | `text_history` | `X(q)` without `q`: the text the query reads, not itself |
 | `question` | `X(q)` restricted to the prompt (columns `< c0`) |
 | `completion` | completion columns `c0 .. q` (the chain of thought so far, `q` included) |
@@ -61,7 +61,7 @@ class Intervention:
         layers: text-decoder layers (negative count from the end); None = all (in hybrid models,
             Qwen3.5, every softmax-attention layer: linear-attention layers cannot be biased).
         heads: query heads; None = all.
-        text_span: `"post_image"` (default) or `"all_text"`, for the text-based key spans (SPEC §1).
+        text_span: `"post_image"` (default) or `"all_text"`, for the text-based key spans (docs/method.md#sequences-and-spans).
         key_columns: the columns of `keys="positions"`.
     """
 
@@ -159,7 +159,10 @@ def parse_layers(spec, num_layers: int) -> list[tuple[int, ...]]:
     if isinstance(spec, (list, tuple)):
         layers = sorted({int(i) + num_layers if int(i) < 0 else int(i) for i in spec})
         if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-            raise ValueError(f"layers {spec} out of range for {num_layers} layers")
+            raise ValueError(
+                f"layers {list(spec)} out of range: the model has {num_layers} layers "
+                f"(0 to {num_layers - 1}, or -{num_layers} to -1 from the end)"
+            )
         return [tuple(layers)]
     if isinstance(spec, int):
         return parse_layers([spec], num_layers)
@@ -175,15 +178,19 @@ def parse_layers(spec, num_layers: int) -> list[tuple[int, ...]]:
         except (ValueError, IndexError) as e:
             raise ValueError(f"bad layer window {spec!r}; write window:K or window:K:S") from e
         return layer_windows(num_layers, size, stride)
-    if "-" in text[1:]:
-        a, b = text[0] + text[1:].split("-", 1)[0], text[1:].split("-", 1)[1]
-        return parse_layers(list(range(int(a), int(b) + 1)), num_layers)
     try:
-        return parse_layers([int(text)], num_layers)
-    except ValueError as e:
+        if "-" in text[1:]:
+            a, b = text[0] + text[1:].split("-", 1)[0], text[1:].split("-", 1)[1]
+            layers = list(range(int(a), int(b) + 1))
+        else:
+            layers = [int(text)]
+    except ValueError:
         raise ValueError(
             f"bad layer selection {spec!r}; use all, each, window:K[:S], N, A-B or a list"
-        ) from e
+        ) from None
+    if not layers:
+        raise ValueError(f"layer range {spec!r} is empty (write A-B with A <= B)")
+    return parse_layers(layers, num_layers)
 
 
 def layers_label(layers: tuple[int, ...], num_layers: int) -> str:

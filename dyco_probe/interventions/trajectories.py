@@ -357,7 +357,7 @@ def prepare_trajectories(
         trajectory: `"greedy"` (the model's own greedy completion) or `"gold"` (`example.completion`
             followed by EOS).
         max_new_tokens: generation budget (greedy trajectories and free-running readouts).
-        trace_config: `TraceConfig` of the traces that role labellers read (default: SPEC defaults).
+        trace_config: `TraceConfig` of the traces that role labellers read (default: the defaults of docs/method.md).
     """
     if trajectory not in TRAJECTORIES:
         raise ValueError(f"unknown trajectory {trajectory!r}; valid: {', '.join(TRAJECTORIES)}")

@@ -95,6 +95,29 @@ def _resolve(source: str | os.PathLike) -> Path:
     return path
 
 
+def check_device(device: str | None) -> None:
+    """Raise a `ValueError` saying why, unless `device` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``,
+    or ``None`` for the CPU) can be used on this machine."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"device {device!r} is not a device torch knows (e.g. cpu, cuda, cuda:1): {e}"
+        ) from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"device {device!r}: CUDA is not available here ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: Apple's MPS backend is not available here; use --device cpu")
+
+
 def weights_sha256(source: str | os.PathLike) -> str | None:
     """Hex sha256 of a checkpoint's ``model.safetensors`` (``"builtin"`` or a directory), to tell
     trained versions apart in caches and reports; ``None`` when there is no such file."""
@@ -176,6 +199,7 @@ def load(
     import transformers
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_device(device)
     path = _resolve(source)
     try:
         config = json.loads((path / "config.json").read_text())

@@ -1,4 +1,4 @@
-"""Tracer settings, defaults from SPEC §1-3 and the paper's code."""
+"""Tracer settings, defaults from docs/method.md#sequences-and-spans, #attention-signals, #modality-dynamics and the paper's code."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class TraceConfig:
             softmax-attention layer; a linear-attention layer has no row and asking for it raises.
         heads: probed query heads (`None` = all); rows are averaged over them, then over layers.
         per_layer: also keep each probed layer's signals (`trace.per_layer`), besides their mean.
-        text_span: `"post_image"` (default) or `"all_text"` (SPEC §1).
+        text_span: `"post_image"` (default) or `"all_text"` (docs/method.md#sequences-and-spans).
         distance: distance for `v_vis`, `v_txt` (`"fisher_rao"` default; see `dyco_probe.distances`).
         image_rows: keep each token's attention row over the image tokens (heat-maps), `[B, T, N_img]`.
         on_missing_image: a prompt without image tokens raises (`"error"`) or is traced with
@@ -59,7 +59,10 @@ class TraceConfig:
             return tuple(range(num_layers))
         out = sorted({i + num_layers if i < 0 else i for i in self.layers})
         if not out or out[0] < 0 or out[-1] >= num_layers:
-            raise ValueError(f"layers {self.layers} out of range for {num_layers} layers")
+            raise ValueError(
+                f"layers {_listed(self.layers)} out of range: the model has {num_layers} text-decoder layers "
+                f"(indices 0 to {num_layers - 1}, or -{num_layers} to -1 from the end)"
+            )
         return tuple(out)
 
     def resolve_heads(self, num_heads: int) -> tuple[int, ...] | None:
@@ -68,7 +71,10 @@ class TraceConfig:
             return None
         out = sorted({h + num_heads if h < 0 else h for h in self.heads})
         if not out or out[0] < 0 or out[-1] >= num_heads:
-            raise ValueError(f"heads {self.heads} out of range for {num_heads} heads")
+            raise ValueError(
+                f"heads {_listed(self.heads)} out of range: the model has {num_heads} attention heads "
+                f"(indices 0 to {num_heads - 1})"
+            )
         return tuple(out)
 
     def to_dict(self) -> dict:
@@ -77,6 +83,10 @@ class TraceConfig:
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
         return d
+
+
+def _listed(values) -> str:
+    return ",".join(map(str, values))
 
 
 def _as_seq(x):

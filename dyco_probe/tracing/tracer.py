@@ -339,12 +339,16 @@ def trace_generate(
         config: what to record.
         max_new_tokens, do_sample, **generate_kwargs: passed to `model.generate` (no beam search).
         sample_ids: optional ids stored with each sample.
+        eos_token_id: end-of-sequence id(s): `generate` stops there and the trace's mask ends there
+            (default: the model's generation config).
 
     Returns:
         `(trace, completion_ids)`, the latter `[B, T]` (generate's output without the prompt).
     """
     if generate_kwargs.get("num_beams", 1) != 1:
         raise ValueError("beam search is not supported by the tracer")
+    if eos_token_id is not None:  # the same ids end generation and the traced completion
+        generate_kwargs["eos_token_id"] = eos_token_id
     with Tracer(
         model,
         config,

@@ -255,7 +255,7 @@ def plot_roc(analysis, ax=None, feature: str = "sample_score"):
 def plot_feature_auroc(analysis, ax=None):
     """AUROC (95% CI) of every per-trajectory feature for correctness; 0.5 is chance."""
     with paper_style():
-        fig, ax = _axes(ax, figsize=(3.6, 2.5))
+        fig, ax = _axes(ax, figsize=(4.8, 2.6))  # room for the feature names and the whole title
         table = analysis.auroc
         y = np.arange(len(table))[::-1]
         for yi, (_, r) in zip(y, table.iterrows()):
@@ -270,7 +270,7 @@ def plot_feature_auroc(analysis, ax=None):
         ax.set_yticks(y, list(table["description"]))
         ax.set_xlim(0, 1)
         ax.set_xlabel("AUROC for correctness (95% CI)")
-        ax.set_title("Which trajectory features predict correctness?")
+        ax.set_title("Which features predict correctness?")
     return fig
 
 
@@ -469,18 +469,33 @@ _SOURCES = {"fisher_rao": "Fisher–Rao roles", "ground_truth": "ground-truth ro
 
 
 def _panel_title(values: dict) -> str:
-    """E.g. "image keys · knockout · Fisher–Rao roles" (strength shown when it is not a knockout)."""
+    """E.g. "image keys · knockout · Fisher–Rao roles" (strength shown when it is not a knockout;
+    patches with their donor and direction), wrapped to fit a panel."""
+    import textwrap
+
+    def given(name):
+        value = values.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)) or str(value) == "":
+            return None
+        return value
+
     parts = []
-    if values.get("keys") is not None and str(values.get("keys")) != "nan":
+    if given("keys") is not None:
         parts.append(f"{values['keys']} keys")
-    kind = values.get("kind")
-    strength = values.get("strength")
+    kind, strength = given("kind"), given("strength")
     if kind is not None:
-        scaled = isinstance(strength, (int, float)) and math.isfinite(strength) and strength != 0
-        parts.append(f"{kind} (λ={strength:g})" if scaled else str(kind))
-    if values.get("role_source") is not None:
-        parts.append(_SOURCES.get(values["role_source"], str(values["role_source"])))
-    return " · ".join(parts)
+        kind = str(kind).replace("patch_", "patch ").replace("_", " ")
+        scaled = isinstance(strength, (int, float)) and strength != 0
+        parts.append(f"{kind} (λ={strength:g})" if scaled else kind)
+    if given("donor") is not None:
+        parts.append(f"{values['donor']} donor" + (f", {values['direction']}" if given("direction") else ""))
+    if given("role_source") is not None:
+        parts.append(_SOURCES.get(values["role_source"], f"{values['role_source']} roles"))
+    return "\n".join(textwrap.wrap(" · ".join(parts), 52))
+
+
+def _target_label(target) -> str:
+    return str(target) if str(target) else "every completion token"
 
 
 def plot_intervention_effects(summary, value_label: str | None = None):
@@ -488,25 +503,37 @@ def plot_intervention_effects(summary, value_label: str | None = None):
 
     `summary`: one row per condition group with columns `keys` (or `kind`), `role_source`, `layers`,
     `target`, `mean`, `ci_low`, `ci_high` (e.g. `dyco_probe.interventions.summarize(frame, "dacc",
-    ["kind", "keys", "strength", "role_source", "layers", "target"])`).
+    ["kind", "keys", "strength", "role_source", "donor", "direction", "layers", "target"])`). Rows
+    without a mean (a readout that does not apply, no target token) are not drawn; the caller says
+    which (`condition_label` names them). Without any mean the figure says so in words.
     """
     import matplotlib.pyplot as plt
 
-    frame = summary.copy()
-    panel_cols = [c for c in ("kind", "keys", "strength", "role_source") if c in frame.columns]
-    panels = list(dict.fromkeys(map(tuple, frame[panel_cols].itertuples(index=False))))
+    frame = summary[summary["mean"].notna()].copy()
+    if frame.empty:  # say so, rather than draw empty axes
+        with paper_style():
+            fig, ax = plt.subplots(figsize=(4.6, 1.2), layout="constrained")
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"not drawn: no condition has a value of {value_label or 'the effect'}",
+                    ha="center", va="center", fontsize=8)  # fmt: skip
+        return fig
+    panel_cols = [
+        c for c in ("kind", "keys", "strength", "role_source", "donor", "direction") if c in frame.columns
+    ]
+    # NaN never equals itself: key panels on NaN-free values so a patch's panel is found again
+    keyed = frame[panel_cols].astype(object).where(frame[panel_cols].notna(), "")
+    frame["_panel"] = list(map(tuple, keyed.itertuples(index=False)))
+    panels = list(dict.fromkeys(frame["_panel"]))
     ncols = min(2, max(len(panels), 1))
     nrows = max(1, math.ceil(len(panels) / ncols))
     with paper_style():
         fig, axes = plt.subplots(
-            nrows, ncols, figsize=(4.6 * ncols, 2.7 * nrows), squeeze=False, layout="constrained"
+            nrows, ncols, figsize=(4.6 * ncols, 2.9 * nrows), squeeze=False, layout="constrained"
         )
         for ax in axes.flat[len(panels) :]:
             ax.set_visible(False)
         for ax, key in zip(axes.flat, panels):
-            part = frame
-            for col, val in zip(panel_cols, key):
-                part = part[part[col] == val]
+            part = frame[frame["_panel"].map(lambda k, key=key: k == key)]
             windows = sorted(part["layers"].astype(str).unique(), key=_layer_order)
             targets = list(dict.fromkeys(part["target"]))
             for k, target in enumerate(targets):
@@ -524,7 +551,7 @@ def plot_intervention_effects(summary, value_label: str | None = None):
                     marker="o",
                     color=colour,
                     ls="--" if str(target).startswith("random") else "-",
-                    label=str(target),
+                    label=_target_label(target),
                 )
             ax.axhline(0, color="k", lw=0.6)
             ax.set_xticks(range(len(windows)), [w if w == "all" else f"L{w}" for w in windows])
@@ -533,6 +560,17 @@ def plot_intervention_effects(summary, value_label: str | None = None):
             ax.set_title(_panel_title(dict(zip(panel_cols, key))), fontsize=8)
             ax.legend(title="target tokens")
     return fig
+
+
+def condition_label(values: dict) -> str:
+    """One line naming an intervention condition (a results or summary row as a dict), e.g.
+    "image keys · knockout · Fisher–Rao roles; target visual; layers 2"."""
+    text = _panel_title(values).replace("\n", " ")
+    if "target" in values:
+        text += f"; target {_target_label(values['target'])}"
+    if "layers" in values:
+        text += f"; layers {values['layers']}"
+    return text
 
 
 def plot_rl_curves(runs: dict, smooth: int | None = None):
