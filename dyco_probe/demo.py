@@ -55,8 +55,9 @@ DEFAULTS = dict(
     n_interventions=32,
     n_control=40,
     control_samples=8,
-    rl_steps=60,
+    rl_steps=150,
     rl_eval=150,
+    rl_jobs=2,
     rl_prompts=8,
     rl_generations=8,
     rl_max_new_tokens=72,
@@ -72,6 +73,7 @@ QUICK = dict(
     control_samples=2,
     rl_steps=2,
     rl_eval=4,
+    rl_jobs=1,
     rl_prompts=2,
     rl_generations=2,
     rl_max_new_tokens=12,
@@ -348,37 +350,51 @@ class Demo:
         return _headline_findings(self.run.interventions) + [f"-> {folder}/interventions_headline.md, .png"]
 
     def rl(self) -> list[str]:
-        from dyco_probe.rl import RLConfig, train
+        from dyco_probe.rl import RLConfig
 
         a = self.args
-        lines = []
+        configs = []
         for dyco in ("off", "token"):
             out = self.run.rl / f"grpo-{dyco}"
-            config = RLConfig(
-                out_dir=str(out),
-                model=a.model,
-                seed=a.seed,
-                steps=a.rl_steps,
-                n_eval=a.rl_eval,
-                eval_every=max(1, a.rl_steps // 2),
-                eval_max_new_tokens=a.max_new_tokens,
-                prompts_per_step=a.rl_prompts,
-                num_generations=a.rl_generations,
-                max_new_tokens=a.rl_max_new_tokens,
-                dyco=dyco,
-                trace_when_off=True,  # the baseline's role and s_t metrics, advantages unchanged
-                checkpoint_every=10,
-                threads=a.threads,
-                resume=(out / "checkpoint.pt").exists(),
+            configs.append(
+                RLConfig(
+                    out_dir=str(out),
+                    model=a.model,
+                    seed=a.seed,
+                    steps=a.rl_steps,
+                    n_eval=a.rl_eval,
+                    eval_every=max(1, a.rl_steps // 3),
+                    eval_max_new_tokens=a.max_new_tokens,
+                    prompts_per_step=a.rl_prompts,
+                    num_generations=a.rl_generations,
+                    max_new_tokens=a.rl_max_new_tokens,
+                    dyco=dyco,
+                    trace_when_off=True,  # the baseline's role and s_t metrics, advantages unchanged
+                    checkpoint_every=10,
+                    threads=a.threads,
+                    resume=(out / "checkpoint.pt").exists(),
+                )
             )
-            t0 = time.perf_counter()
-            self.say(f"training grpo with DyCo {dyco} ({a.rl_steps} steps) ...")
-            result = train(config, progress=not a.quiet)
-            first, last = result.initial_eval, result.final_eval
+        t0 = time.perf_counter()
+        jobs = max(1, min(a.rl_jobs, len(configs)))
+        self.say(
+            f"training grpo with DyCo off and token ({a.rl_steps} steps each, {jobs} at a time; "
+            f"progress in {self.run.rl}/grpo-*/metrics.jsonl) ..."
+        )
+        if jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                results = list(pool.map(_train, configs))
+        else:
+            results = [_train(c, progress=not a.quiet) for c in configs]
+        lines = []
+        for config, (first, last) in zip(configs, results):
             lines.append(
-                f"DyCo {dyco:5s}: held-out accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f} "
-                f"(95% CI {last['accuracy_ci_low']:.3f}-{last['accuracy_ci_high']:.3f}, n={last['n']}) "
-                f"in {time.perf_counter() - t0:.0f} s"
+                f"DyCo {config.dyco:5s}: held-out accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f} "
+                f"(95% CI {last['accuracy_ci_low']:.3f}-{last['accuracy_ci_high']:.3f}, n={last['n']})"
             )
             if "accuracy_false_note" in last:
                 lines.append(
@@ -394,7 +410,8 @@ class Demo:
                     )
                 )
         return lines + [
-            "(one seed and a short run: an illustration; analyses/rl_comparison.py runs the comparison over seeds)",
+            f"both runs in {time.perf_counter() - t0:.0f} s; one seed: an illustration. "
+            "analyses/rl_comparison.py compares over seeds (figures/rl_comparison.md)",
             f"-> {self.run.rl}/grpo-off, grpo-token",
         ]
 
@@ -408,6 +425,14 @@ class Demo:
         if missing:
             lines.append(f"not in this run: {', '.join(missing)}")
         return lines + [f"-> {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained, opens offline)"]
+
+
+def _train(config, progress: bool = False) -> tuple[dict, dict]:
+    """One RL run (in a worker process or inline): its first and last evaluations."""
+    from dyco_probe.rl import train
+
+    result = train(config, progress=progress)
+    return result.initial_eval, result.final_eval
 
 
 def _f(x) -> str:
