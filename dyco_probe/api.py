@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .completions import completion_ids_for, eos_token_ids, pad_token_id
 from .files import write_text_atomic
-from .generation import Generation, eos_token_ids, generate, images_for
+from .generation import Generation, generate, images_for
 from .rewards import accuracy_reward, extract_answer, format_reward
 from .roles import ROLE_NAMES
 from .tracing import SIGNAL_NAMES, Trace, TraceConfig, Tracer, trace_offline
@@ -308,7 +309,9 @@ def trace(
         examples: `dyco_probe.data.Example`s.
         config: what the tracer records (default `TraceConfig()`: last layer, all heads, Fisher–Rao).
         max_new_tokens, do_sample, temperature, top_p, num_samples, image_mode: as for
-            `dyco_probe.generation.generate` (`image_mode` `"blank"` / `"swap"` for controls).
+            `dyco_probe.generation.generate` (`image_mode` `"blank"` / `"swap"` for controls); sampling
+            is `dyco_probe.completions.sample`'s, the same as the RL loop's (no top-k cut, image
+            placeholders never generated).
         batch_size: examples per `generate` call (each yields `batch_size * num_samples` rows).
         seed: sampling seed; batch `k` is seeded with `seed + k`, so a resumed run samples the same.
         backend: `None` (default): trace online during `generate` (nothing is recomputed). A backend
@@ -331,7 +334,7 @@ def trace(
         raise ValueError("num_samples > 1 needs do_sample=True (greedy completions would be identical)")
     shown = _shown(examples, image_mode)
     gen_mode = "blank" if image_mode == "blank" else "normal"
-    eos = sorted(eos_token_ids(handle))
+    eos = sorted(eos_token_ids(handle.model, handle.tokenizer))
     settings = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -437,7 +440,7 @@ def _trace_ids(
     prompts = [handle.prompt(ex.question, len(ims)) for ex, ims in zip(rows, images)]
     inputs = handle.encode(prompts, images)
     steps = max(len(x) for x in ids)
-    pad_id = handle.tokenizer.pad_token_id if handle.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(handle.model, handle.tokenizer)
     completion = torch.full((len(ids), steps), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), steps), dtype=torch.bool)
     for i, row in enumerate(ids):
@@ -494,8 +497,6 @@ def trace_completions(
     Returns:
         A `TraceResult` whose trace matches (to float tolerance) an online trace of the same tokens.
     """
-    from .batching import completion_ids_for
-
     examples, completions = list(examples), list(completions)
     config = config or TraceConfig()
     _check_request(handle, config, backend)
@@ -522,7 +523,7 @@ def trace_completions(
     texts = [handle.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
     shown = _shown(examples, image_mode)
     mode = "blank" if image_mode == "blank" else "normal"
-    eos = sorted(eos_token_ids(handle))
+    eos = sorted(eos_token_ids(handle.model, handle.tokenizer))
     store = _Parts(
         parts,
         {

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..completions import forward_inputs
+from ..layers import resolve_indices
 from ..spans import Spans, image_positions, image_token_id_of
 from ..tracing.attention import _text_decoder, attention_hooks, attention_layers
 from .spec import Intervention, KeyLayout
@@ -32,13 +34,6 @@ class InterventionLog:
 
     calls: int = 0
     rows: int = 0
-
-
-def _forward_inputs(args, kwargs):
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-    return input_ids, kwargs.get("attention_mask"), past
 
 
 @contextlib.contextmanager
@@ -83,14 +78,12 @@ def intervene(
     num_heads = model.config.get_text_config().num_attention_heads
     head_mask = None
     if spec.heads is not None:
-        heads = sorted({h + num_heads if h < 0 else h for h in spec.heads})
-        if heads and (heads[0] < 0 or heads[-1] >= num_heads):
-            raise ValueError(f"heads {spec.heads} out of range for {num_heads} heads")
+        heads = list(resolve_indices(spec.heads, num_heads, what="heads", allow_empty=True))
         head_mask = torch.zeros(num_heads, dtype=torch.bool)
         head_mask[heads] = True
 
     def on_forward(module, args, kwargs):
-        input_ids, attention_mask, past = _forward_inputs(args, kwargs)
+        input_ids, attention_mask, past = forward_inputs(args, kwargs)
         if input_ids is None or past != 0:
             return
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask

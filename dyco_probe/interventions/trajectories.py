@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..completions import eos_token_ids, pad_token_id
 from ..distances import DISTANCES
 from ..labellers import LABELLERS, get_labeller
 from ..rewards import answers_match, extract_answer
@@ -33,8 +34,6 @@ from ..task.alignment import token_char_spans
 from .attention import intervene
 from .queries import ground_truth_roles, token_columns
 from .readouts import (
-    _eos_ids,
-    _pad_id,
     generate_greedy,
     regenerate,
     teacher_forced_inputs,
@@ -375,9 +374,9 @@ def prepare_trajectories(
         for ex in examples:
             if not ex.completion:
                 raise ValueError(f"example {ex.id!r} has no gold completion (trajectory='gold')")
-            rows.append(tok(ex.completion, add_special_tokens=False)["input_ids"] + _eos_ids(model)[:1])
+            rows.append(tok(ex.completion, add_special_tokens=False)["input_ids"] + eos_token_ids(model)[:1])
         length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), _pad_id(model), dtype=torch.long)
+        ids = torch.full((len(rows), length), pad_token_id(model), dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.bool)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
