@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .dependency import check_thresholds, dependency_roles
 from .distances import DISTANCES
-from .roles import ROLE_NAMES, Role, label_roles
+from .roles import ROLE_NAMES, TAU_TXT, TAU_VIS, Role, label_roles
 
 __all__ = [
     "DEPENDENCY_DEFAULTS",
@@ -77,8 +77,8 @@ def dynamics_rule(
     trace,
     distance: str = "fisher_rao",
     *,
-    tau_vis: float = 0.0,
-    tau_txt: float = 0.05,
+    tau_vis: float = TAU_VIS,
+    tau_txt: float = TAU_TXT,
     examples=None,
     tokenizer=None,
     handle=None,
@@ -95,7 +95,7 @@ def dynamics_rule(
 
 
 def fisher_rao(
-    trace, *, tau_vis: float = 0.0, tau_txt: float = 0.05, examples=None, tokenizer=None, handle=None
+    trace, *, tau_vis: float = TAU_VIS, tau_txt: float = TAU_TXT, examples=None, tokenizer=None, handle=None
 ) -> Tensor:
     """The paper's rule (docs/method.md#token-roles) with Fisher–Rao dynamics and the published thresholds."""
     return dynamics_rule(trace, "fisher_rao", tau_vis=tau_vis, tau_txt=tau_txt)

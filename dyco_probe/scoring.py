@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dyco_probe.roles import Role, label_roles
+from dyco_probe.roles import TAU_TXT, TAU_VIS, Role, label_roles
 
 __all__ = [
     "GRANULARITIES",
@@ -59,15 +59,15 @@ class ScorerConfig:
 
     granularity: str = "token"
     alpha: float = 0.2
-    tau_vis: float = 0.0
-    tau_txt: float = 0.05
+    tau_vis: float = TAU_VIS
+    tau_txt: float = TAU_TXT
     normalise_over: str = "group"
     min_length: int = 0
     clamp: tuple[float, float] = (0.8, 1.2)
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("DyCo granularity", self.granularity, GRANULARITIES)
         _check_choice("normalise_over", self.normalise_over, NORMALISE_OVER)
         if self.clamp[0] > self.clamp[1]:
             raise ValueError(f"clamp bounds reversed: {self.clamp}")
@@ -247,16 +247,24 @@ def reweight_advantages(
     """
     _check_choice("granularity", granularity, GRANULARITIES)
     mask = mask.to(torch.bool)
-    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
-    if granularity == "token":
-        factor = 1.0 + alpha * token_weights(s, mask)
-    elif granularity == "sequence":
+    weights = token_weights(s, mask) if granularity == "token" else None
+    score = None
+    if granularity == "sequence":
         score = sequence_scores(
             s, roles, mask, group_ids, normalise_over=normalise_over, min_length=min_length
         )
+    return _reweighted(advantages, mask, granularity, alpha, clamp, weights, score, like=s)
+
+
+def _reweighted(advantages, mask, granularity, alpha, clamp, weights, score, like: Tensor) -> Tensor:
+    """``reweight_advantages`` from the token weights (``"token"``) or sequence scores (``"sequence"``)."""
+    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
+    if granularity == "token":
+        factor = 1.0 + alpha * weights
+    elif granularity == "sequence":
         factor = (1.0 + alpha * score).clamp(clamp[0], clamp[1]).unsqueeze(-1)
     else:
-        factor = torch.ones((), dtype=s.dtype, device=s.device)
+        factor = torch.ones((), dtype=like.dtype, device=like.device)
     out = (factor * adv).expand(mask.shape)
     return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
@@ -320,18 +328,19 @@ def dyco_advantages(
 ) -> Tensor:
     """From rewards and a ``score_tokens`` result to the ``[B, T]`` advantages a policy loss takes.
 
-    ``group_advantages`` followed by ``reweight_advantages`` with the knobs of ``config``.
+    ``group_advantages`` reweighted as ``reweight_advantages`` does, with the token weights and
+    sequence scores ``score_tokens`` already computed (so ``scored`` must come from the same
+    ``group_ids`` and ``config``).
     """
     config = config or ScorerConfig()
-    return reweight_advantages(
+    _check_choice("granularity", config.granularity, GRANULARITIES)
+    return _reweighted(
         group_advantages(rewards, group_ids),
-        scored["s"],
-        scored["roles"],
-        mask,
-        granularity=config.granularity,
-        alpha=config.alpha,
-        group_ids=group_ids,
-        normalise_over=config.normalise_over,
-        min_length=config.min_length,
-        clamp=config.clamp,
+        mask.to(torch.bool),
+        config.granularity,
+        config.alpha,
+        config.clamp,
+        scored["w"],
+        scored["sequence_score"],
+        like=scored["s"],
     )

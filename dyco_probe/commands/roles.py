@@ -12,22 +12,14 @@ and a counterfactual image; the examples are rebuilt from a synthetic trace, or 
 from __future__ import annotations
 
 from dyco_probe.commands import add_command, emit
-
-
-def load_tokenizer(source: str):
-    """The tokenizer of ``"builtin"`` or a local checkpoint directory (no model is loaded)."""
-    from transformers import AutoTokenizer
-
-    from dyco_probe.models.builtin import BUILTIN_DIR
-
-    path = BUILTIN_DIR if source == "builtin" else source
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+from dyco_probe.roles import TAU_TXT, TAU_VIS
 
 
 def run(args) -> int:
     import torch
 
     from dyco_probe.labellers import check_options, compare_roles, get_labeller
+    from dyco_probe.models.loading import load_tokenizer
     from dyco_probe.roles import ROLE_NAMES
     from dyco_probe.tracing import Trace
 
@@ -121,10 +113,16 @@ def register(sub) -> None:
         "--labeller", default="fisher_rao", help=f"one of {', '.join(LABELLERS)} (default: fisher_rao)"
     )
     p.add_argument(
-        "--tau-vis", type=float, default=0.0, help="dynamics rules: visual if delta > tau_vis (default: 0.0)"
+        "--tau-vis",
+        type=float,
+        default=TAU_VIS,
+        help=f"dynamics rules: visual if delta > tau_vis (default: {TAU_VIS})",
     )
     p.add_argument(
-        "--tau-txt", type=float, default=0.05, help="dynamics rules: text if delta < -tau_txt (default: 0.05)"
+        "--tau-txt",
+        type=float,
+        default=TAU_TXT,
+        help=f"dynamics rules: text if delta < -tau_txt (default: {TAU_TXT})",
     )
     p.add_argument(
         "--theta",

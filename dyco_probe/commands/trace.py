@@ -24,18 +24,8 @@ from dyco_probe.commands import (
     load_model,
 )
 from dyco_probe.files import check_writable
-
-
-def parse_indices(text: str | None):
-    """``None`` -> None, ``"all"`` -> "all", ``"0,2,-1"`` -> (0, 2, -1)."""
-    if text is None or text == "":
-        return None
-    if text == "all":
-        return "all"
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"expected 'all' or comma-separated integers, got {text!r}") from None
+from dyco_probe.layers import parse_layer_choice
+from dyco_probe.roles import TAU_TXT, TAU_VIS
 
 
 def read_completions(path: str, examples: list) -> tuple[list, list[str]]:
@@ -80,7 +70,7 @@ def summary_text(summary: dict, out: str) -> str:
         f"traced {summary['samples']} completions ({summary['tokens']} tokens, mean {summary['mean_tokens']:.1f}) -> {out}",
         f"mean r_vis {summary['mean_r_vis']:.4f} (normalised {summary['mean_r_vis_norm']:.4f}); "
         f"mean v_vis {summary['mean_v_vis']:.4f}, v_txt {summary['mean_v_txt']:.4f} ({summary['distance']})",
-        "roles (Fisher–Rao rule, tau_vis 0, tau_txt 0.05; docs/method.md#token-roles): "
+        f"roles (Fisher–Rao rule, tau_vis {TAU_VIS:g}, tau_txt {TAU_TXT:g}; docs/method.md#token-roles): "
         + ", ".join(f"{name} {frac:.3f}" for name, frac in roles.items()),
     ]
     if "accuracy" in summary:
@@ -106,9 +96,9 @@ def run(args) -> int:
     from dyco_probe.api import trace, trace_completions
     from dyco_probe.tracing import TraceConfig
 
-    heads = parse_indices(args.heads)
+    heads = parse_layer_choice(args.heads)
     config = TraceConfig(
-        layers=parse_indices(args.layers),
+        layers=parse_layer_choice(args.layers),
         heads=None if heads == "all" else heads,
         per_layer=args.per_layer,
         text_span=args.text_span,

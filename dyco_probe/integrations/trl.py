@@ -41,7 +41,8 @@ import torch
 from trl import GRPOTrainer
 
 from dyco_probe.labellers import DEPENDENCY_DEFAULTS, check_options, parse_options
-from dyco_probe.roles import Role
+from dyco_probe.layers import parse_layer_choice
+from dyco_probe.roles import TAU_TXT, TAU_VIS, Role
 from dyco_probe.scoring import ScorerConfig, reweight_advantages, score_tokens
 
 __all__ = ["DyCoArguments", "DyCoGRPOTrainer", "as_trl_reward", "jsonl_dataset", "main", "synthetic_dataset"]
@@ -331,8 +332,8 @@ class DyCoArguments:
     alpha: float = field(default=0.2, metadata={"help": "DyCo reweighting strength"})
     normalise_over: str = field(default="group", metadata={"help": "sequence scores: group or batch"})
     min_length: int = field(default=0, metadata={"help": "sequence scores: anti-collapse length guard"})
-    tau_vis: float = field(default=0.0, metadata={"help": "visual role threshold"})
-    tau_txt: float = field(default=0.05, metadata={"help": "text role threshold"})
+    tau_vis: float = field(default=TAU_VIS, metadata={"help": "visual role threshold"})
+    tau_txt: float = field(default=TAU_TXT, metadata={"help": "text role threshold"})
     trace_layers: str | None = field(
         default=None, metadata={"help": "probed layers: 'all' or 'i,j' (default last)"}
     )
@@ -352,7 +353,7 @@ def _load_processor(source: str):
     from dyco_probe.models import loading
     from dyco_probe.models.adapters import adapter_for
 
-    path = loading._resolve(source)
+    path = loading.resolve_checkpoint(source)
     model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
     return loading._load_processor(path, adapter_for(model_type)), str(path)
 
@@ -373,9 +374,7 @@ def main(argv: list[str] | None = None):
         dataset = jsonl_dataset(dyco_args.data, dyco_args.n_train)
     else:
         dataset = synthetic_dataset("train", dyco_args.n_train)
-    layers = dyco_args.trace_layers
-    if layers not in (None, "all"):
-        layers = tuple(int(x) for x in layers.split(","))
+    layers = parse_layer_choice(dyco_args.trace_layers)
     trainer = DyCoGRPOTrainer(
         model=path,
         processing_class=processor,

@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..labellers import check_options, get_labeller
+from ..roles import TAU_TXT, TAU_VIS
 from .queries import TARGETS
 from .spec import KEY_SPANS, Intervention, layers_label, parse_layers
 from .trajectories import TRAJECTORIES, check_role_source
@@ -259,8 +260,8 @@ class SweepConfig:
             raise ValueError(f"{where}: slice names must be distinct")
         roles = {
             "layers": "last",
-            "tau_vis": 0.0,
-            "tau_txt": 0.05,
+            "tau_vis": TAU_VIS,
+            "tau_txt": TAU_TXT,
             "text_span": "post_image",
             **raw.get("roles", {}),
         }

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..layers import resolve_indices
 from ..spans import TEXT_SPANS, Spans
 
 __all__ = [
@@ -116,10 +117,7 @@ class Intervention:
         """The layer indices, sorted and non-negative (all layers when `layers` is None)."""
         if self.layers is None:
             return tuple(range(num_layers))
-        out = sorted({i + num_layers if i < 0 else i for i in self.layers})
-        if out and (out[0] < 0 or out[-1] >= num_layers):
-            raise ValueError(f"layers {self.layers} out of range for {num_layers} layers")
-        return tuple(out)
+        return resolve_indices(self.layers, num_layers, allow_empty=True)
 
     def label(self) -> str:
         """A short human-readable name, e.g. `knockout image L0-1 H*`."""
@@ -157,13 +155,7 @@ def parse_layers(spec, num_layers: int) -> list[tuple[int, ...]]:
     - an int, `"3"`, `"-1"`: one layer; `"1-3"`: layers 1 to 3; a list of ints: those layers.
     """
     if isinstance(spec, (list, tuple)):
-        layers = sorted({int(i) + num_layers if int(i) < 0 else int(i) for i in spec})
-        if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-            raise ValueError(
-                f"layers {list(spec)} out of range: the model has {num_layers} layers "
-                f"(0 to {num_layers - 1}, or -{num_layers} to -1 from the end)"
-            )
-        return [tuple(layers)]
+        return [resolve_indices(spec, num_layers)]
     if isinstance(spec, int):
         return parse_layers([spec], num_layers)
     text = str(spec).strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..distances import DISTANCES
+from ..layers import resolve_indices
 from ..spans import TEXT_SPANS
 
 __all__ = ["TraceConfig"]
@@ -57,25 +58,13 @@ class TraceConfig:
             return (num_layers - 1,)
         if self.layers == "all":
             return tuple(range(num_layers))
-        out = sorted({i + num_layers if i < 0 else i for i in self.layers})
-        if not out or out[0] < 0 or out[-1] >= num_layers:
-            raise ValueError(
-                f"layers {_listed(self.layers)} out of range: the model has {num_layers} text-decoder layers "
-                f"(indices 0 to {num_layers - 1}, or -{num_layers} to -1 from the end)"
-            )
-        return tuple(out)
+        return resolve_indices(self.layers, num_layers)
 
     def resolve_heads(self, num_heads: int) -> tuple[int, ...] | None:
         """Probed head indices, or None for all."""
         if self.heads is None:
             return None
-        out = sorted({h + num_heads if h < 0 else h for h in self.heads})
-        if not out or out[0] < 0 or out[-1] >= num_heads:
-            raise ValueError(
-                f"heads {_listed(self.heads)} out of range: the model has {num_heads} attention heads "
-                f"(indices 0 to {num_heads - 1})"
-            )
-        return tuple(out)
+        return resolve_indices(self.heads, num_heads, what="heads")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,10 +72,6 @@ class TraceConfig:
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
         return d
-
-
-def _listed(values) -> str:
-    return ",".join(map(str, values))
 
 
 def _as_seq(x):

@@ -160,10 +160,13 @@ class Trace:
 
     # -- downstream --------------------------------------------------------------------------
 
-    def roles(self, tau_vis: float = 0.0, tau_txt: float = 0.05) -> Tensor:
-        """Token roles (docs/method.md#token-roles) from `v_vis`, `v_txt`: `[B, T]` long `dyco_probe.roles.Role` values."""
-        from ..roles import label_roles
+    def roles(self, tau_vis: float | None = None, tau_txt: float | None = None) -> Tensor:
+        """Token roles (docs/method.md#token-roles) from `v_vis`, `v_txt`: `[B, T]` long `dyco_probe.roles.Role`
+        values, with the published thresholds unless given."""
+        from ..roles import TAU_TXT, TAU_VIS, label_roles
 
+        tau_vis = TAU_VIS if tau_vis is None else tau_vis
+        tau_txt = TAU_TXT if tau_txt is None else tau_txt
         return label_roles(self.v_vis, self.v_txt, self.mask, tau_vis=tau_vis, tau_txt=tau_txt)
 
     def score(self, config=None) -> dict[str, Tensor]:
