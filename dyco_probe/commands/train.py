@@ -1,6 +1,6 @@
 """``dyco-probe train``: RLVR with DyCo reweighting (GRPO, Dr. GRPO, DAPO, GSPO, SAPO).
 
-Every field of ``dyco_probe.rl.RLConfig`` is an option (``--prompts-per-step 4``, ``--dyco token``,
+Every setting of ``dyco_probe.rl.RLConfig`` is an option (``--prompts-per-step 4``, ``--dyco token``,
 ``--no-dynamic-sampling``...), with the dataclass's default; ``--out`` names the run directory.
 ``--resume`` continues a killed run with the settings it was started with (its ``config.json``):
 options given with it may change only what leaves the results as they are (``--steps``,
@@ -11,9 +11,9 @@ that differs from the run's is an error.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from dyco_probe.commands import add_command, emit
+from dyco_probe.layers import parse_layer_choice
 
 # Options whose flag differs from the plain field name.
 _RENAMED = {"out_dir": "--out", "num_generations": "--num-generations"}
@@ -100,14 +100,6 @@ def _parse_options(text: str) -> dict[str, float | str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _parse_layers(text: str):
-    if text in ("", "none", "last"):
-        return None
-    if text == "all":
-        return "all"
-    return tuple(int(x) for x in text.split(","))
-
-
 def _parse_optional(kind):
     def parse(text: str):
         return None if text.lower() in ("none", "auto", "") else kind(text)
@@ -127,25 +119,23 @@ def _shown(value) -> str:
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    """One option per ``RLConfig`` field, each with its own help and the dataclass's default. An
-    option not given is absent from the parsed arguments, so ``--resume`` can tell what was asked."""
+    """One option per ``RLConfig`` setting (``RLConfig.settings()``), each with its own help and its
+    default. An option not given is absent from the parsed arguments, so ``--resume`` can tell what was
+    asked."""
     from dyco_probe.rl import RLConfig
 
-    defaults = RLConfig()
-    for f in dataclasses.fields(RLConfig):
-        if f.name == "resume":
+    for name, typ, default in RLConfig.settings():
+        if name == "resume":
             continue
-        flag = _RENAMED.get(f.name, "--" + f.name.replace("_", "-"))
-        default = getattr(defaults, f.name)
-        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS}
-        typ = str(f.type)
-        if f.name == "reward_weights":
+        flag = _RENAMED.get(name, "--" + name.replace("_", "-"))
+        kw: dict = {"dest": name, "default": argparse.SUPPRESS}
+        if name == "reward_weights":
             kw["type"] = _parse_weights
-        elif f.name == "role_options":
+        elif name == "role_options":
             kw["type"] = _parse_options
-        elif f.name == "trace_layers":
-            kw["type"] = _parse_layers
-        elif f.name == "adam_betas":
+        elif name == "trace_layers":
+            kw["type"] = parse_layer_choice
+        elif name == "adam_betas":
             kw.update(type=float, nargs=2, metavar=("BETA1", "BETA2"))
         elif typ.startswith("bool"):
             kw["action"] = argparse.BooleanOptionalAction
@@ -155,13 +145,13 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
             kw["type"] = _parse_optional(float) if "None" in typ else float
         else:
             kw["type"] = _parse_optional(str) if "None" in typ else str
-        if f.name in _CHOICES:
-            kw["choices"] = _CHOICES[f.name]
-        elif f.name == "roles":
+        if name in _CHOICES:
+            kw["choices"] = _CHOICES[name]
+        elif name == "roles":
             from dyco_probe.labellers import LABELLERS
 
             kw["choices"] = tuple(LABELLERS)
-        text = HELP[f.name].replace("%", "%%")
+        text = HELP[name].replace("%", "%%")
         p.add_argument(flag, help=f"{text} (default: {_shown(default)})", **kw)
 
 
@@ -170,7 +160,7 @@ def config_from_args(args):
     ``--resume`` over the run's own settings (``RLConfig.from_run``)."""
     from dyco_probe.rl import RLConfig
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig) if hasattr(args, f.name)}
+    given = {name: getattr(args, name) for name, _, _ in RLConfig.settings() if hasattr(args, name)}
     given.pop("resume", None)
     if args.resume:
         out_dir = given.pop("out_dir", RLConfig.out_dir)
