@@ -123,144 +123,7 @@ def advantages_from_trace(
     return dyco_advantages(rewards, group_ids, scored, mask, scorer), scored
 
 
-# -- data order ----------------------------------------------------------------------------------
-
-
-def _example_at(examples: Sequence, position: int, seed: int):
-    """The example at a global data position: a fresh seeded shuffle per epoch, so the position
-    alone (saved in checkpoints) fixes the order."""
-    n = len(examples)
-    epoch, i = divmod(position, n)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return examples[int(order[i])]
-
-
-def _lr_lambda(warmup_steps: int):
-    return lambda k: min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
-# -- metrics ---------------------------------------------------------------------------------------
-
-
-def _masked(x: Tensor, mask: Tensor) -> Tensor:
-    return x[mask] if mask.any() else torch.zeros(1)
-
-
-def _step_metrics(rollout: Rollout, adv: Tensor, scored, loss_mask: Tensor, n_groups_sampled: int) -> dict:
-    lengths = rollout.mask.sum(-1).float()
-    groups = rollout.group_ids
-    m = {
-        "reward": float(rollout.rewards.mean()),
-        "reward_std": float(rollout.rewards.std()) if len(rollout) > 1 else 0.0,
-        **{k: float(v.mean()) for k, v in rollout.reward_parts.items()},
-        "completion_length": float(lengths.mean()),
-        "completion_length_min": float(lengths.min()),
-        "completion_length_max": float(lengths.max()),
-        "truncated_fraction": float(rollout.truncated.float().mean()),
-        "groups": int(groups.unique().numel()),
-        "groups_sampled": n_groups_sampled,
-        "frac_reward_zero_std": 1.0 - float(dynamic_sampling_mask(rollout.rewards, groups).float().mean()),
-    }
-    a = _masked(adv, loss_mask)
-    m.update(
-        adv_mean=float(a.mean()),
-        adv_std=float(a.std()) if a.numel() > 1 else 0.0,
-        adv_abs=float(a.abs().mean()),
-    )
-    if scored is not None:
-        mask = rollout.mask
-        roles = scored["roles"][mask]
-        active = roles != Role.NEUTRAL
-        s, w = scored["s"][mask], scored["w"][mask]
-        m.update(
-            role_visual=float((roles == Role.VISUAL).float().mean()),
-            role_text=float((roles == Role.TEXT).float().mean()),
-            role_neutral=float((roles == Role.NEUTRAL).float().mean()),
-            s_mean=float(s.mean()),
-            s_mean_active=float(s[active].mean()) if active.any() else 0.0,
-            w_std=float(w.std()) if w.numel() > 1 else 0.0,
-            w_min=float(w.min()),
-            w_max=float(w.max()),
-            seq_score_mean=float(scored["sequence_score"].mean()),
-            seq_score_std=float(scored["sequence_score"].std()) if len(rollout) > 1 else 0.0,
-        )
-    return m
-
-
-# -- the loop --------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunResult:
-    """What ``train`` returns: where the run lives and its first and last evaluations."""
-
-    out_dir: str
-    steps: int
-    resumed_from: int
-    initial_eval: dict | None
-    final_eval: dict | None
-    last_metrics: dict
-    model_dir: str | None
-
-    def summary(self) -> dict:
-        return asdict(self)
-
-
-def _load_data(config: RLConfig, train_examples, eval_examples):
-    from dyco_probe.data import read_jsonl, synthetic_examples
-
-    if train_examples is None:
-        if config.data:
-            train_examples = read_jsonl(config.data)
-            train_examples = train_examples[: config.n_train] if config.n_train else train_examples
-        else:
-            n = SYNTHETIC_TRAIN if config.n_train is None else config.n_train
-            train_examples = synthetic_examples("train", n)
-    if not train_examples:
-        raise ValueError("the training set is empty (n_train = 0 or an empty data file)")
-    if eval_examples is None:
-        if config.n_eval == 0:
-            eval_examples = []
-        elif config.eval_data:
-            eval_examples = read_jsonl(config.eval_data)[: config.n_eval]
-        else:
-            n = SYNTHETIC_EVAL if config.n_eval is None else config.n_eval
-            eval_examples = synthetic_examples(config.eval_split, n)
-    return list(train_examples), list(eval_examples)
-
-
-def _evaluate(handle, examples, config: RLConfig, step: int) -> dict:
-    from dyco_probe.evaluation import evaluate
-
-    t0 = time.perf_counter()
-    res = evaluate(
-        handle,
-        examples,
-        max_new_tokens=config.eval_max_new_tokens,
-        batch_size=config.eval_batch_size,
-        progress=False,
-    )
-    lo, hi = res.accuracy_ci
-    record = {
-        "kind": "eval",
-        "step": step,
-        "accuracy": res.accuracy,
-        "accuracy_ci_low": lo,
-        "accuracy_ci_high": hi,
-        "format": res.format_rate,
-        "n": res.n,
-        "time_eval": time.perf_counter() - t0,
-    }
-    problems = [getattr(ex, "problem", None) for ex in examples]
-    if all(p is not None for p in problems) and any(p.note is not None for p in problems):
-        from dyco_probe.task.notes import note_summary
-
-        record.update(
-            note_summary(
-                problems, [r["completion"] for r in res.records], [r["correct"] for r in res.records]
-            )
-        )
-    return record
+# -- one step: sample and reward (1-2), update (4) ---------------------------------------------------
 
 
 def _sample_batch(handle, config: RLConfig, examples: Sequence, position: int, reward_funcs):
@@ -299,6 +162,114 @@ def _sample_batch(handle, config: RLConfig, examples: Sequence, position: int, r
         if sum(len(r) for r in kept) >= config.prompts_per_step * config.num_generations:
             break
     return (Rollout.cat(kept) if kept else None), position, n_sampled, seconds
+
+
+def _update(
+    config: RLConfig,
+    handle,
+    ref_model,
+    optimizer,
+    scheduler,
+    rollout: Rollout,
+    adv: Tensor,
+    loss_mask: Tensor,
+    loss_cfg: LossConfig,
+) -> dict:
+    """``num_iterations`` optimiser steps on one batch, each accumulating ``grad_accum`` micro-batches.
+
+    Each micro-batch's loss is scaled by its share of the batch (sequences, or tokens for DAPO's
+    token-level mean), so the accumulated gradient equals the whole batch's.
+    """
+    model = handle.model
+    chunks = policy_batches(handle, rollout, config.grad_accum)
+    n_seq = len(rollout)
+    n_tok = int(loss_mask.sum())
+
+    def share(rows: Tensor) -> float:
+        if config.algo == "dapo":
+            return int(loss_mask[rows].sum()) / max(n_tok, 1)
+        return len(rows) / n_seq
+
+    # Log-probabilities that stay fixed over the iterations: the reference policy's, and the
+    # sampling policy's when the batch is reused (μ > 1; for μ = 1 the ratio is exactly 1).
+    fixed = []
+    model.eval()
+    for _, batch in chunks:
+        t = batch["completion_mask"].sum(-1).max()
+        ref = (
+            policy_logprobs(ref_model, batch, config.temperature, grad=False)
+            if ref_model is not None
+            else None
+        )
+        old = (
+            policy_logprobs(model, batch, config.temperature, grad=False)
+            if config.num_iterations > 1
+            else None
+        )
+        fixed.append((ref, old, int(t)))
+
+    totals: dict[str, float] = {}
+    grad_norms = []
+    model.train()
+    for _ in range(config.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for (rows, batch), (ref, old, t) in zip(chunks, fixed):
+            logp = policy_logprobs(model, batch, config.temperature, grad=True)
+            w = share(rows)
+            if w == 0:
+                continue
+            dev = logp.device
+            loss, metrics = policy_loss(
+                config.algo,
+                logp,
+                logp.detach() if old is None else old,
+                adv[rows][:, :t].to(dev),
+                loss_mask[rows][:, :t].to(dev),
+                ref_logp=ref,
+                config=loss_cfg,
+                truncated=rollout.truncated[rows].to(dev) if config.masks_truncated else None,
+            )
+            (loss * w).backward()
+            for k, v in {"loss": loss.item(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + w * v / config.num_iterations
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)))
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    out = {("kl" if k == "kl_mean" else k): v for k, v in totals.items()}
+    if ref_model is None:
+        out.pop("kl", None)  # without a reference the k3 term is 0 by construction
+    out.update(grad_norm=float(np.mean(grad_norms)), lr=scheduler.get_last_lr()[0], loss_tokens=n_tok)
+    if not all(math.isfinite(v) for v in out.values()):
+        raise FloatingPointError(f"non-finite training metrics: {out}")
+    return out
+
+
+def _is_vision_parameter(name: str) -> bool:
+    """Parameters of the vision tower: Qwen-VL's ``visual`` (patch merger included), LLaVA's
+    ``vision_tower`` (its projector stays trainable)."""
+    parts = name.split(".")
+    return "visual" in parts or "vision_tower" in parts
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """What ``train`` returns: where the run lives and its first and last evaluations."""
+
+    out_dir: str
+    steps: int
+    resumed_from: int
+    initial_eval: dict | None
+    final_eval: dict | None
+    last_metrics: dict
+    model_dir: str | None
+
+    def summary(self) -> dict:
+        return asdict(self)
 
 
 def train(
@@ -493,90 +464,122 @@ def train(
     )
 
 
-def _update(
-    config: RLConfig,
-    handle,
-    ref_model,
-    optimizer,
-    scheduler,
-    rollout: Rollout,
-    adv: Tensor,
-    loss_mask: Tensor,
-    loss_cfg: LossConfig,
-) -> dict:
-    """``num_iterations`` optimiser steps on one batch, each accumulating ``grad_accum`` micro-batches.
+# -- data and evaluation ---------------------------------------------------------------------------
 
-    Each micro-batch's loss is scaled by its share of the batch (sequences, or tokens for DAPO's
-    token-level mean), so the accumulated gradient equals the whole batch's.
-    """
-    model = handle.model
-    chunks = policy_batches(handle, rollout, config.grad_accum)
-    n_seq = len(rollout)
-    n_tok = int(loss_mask.sum())
 
-    def share(rows: Tensor) -> float:
-        if config.algo == "dapo":
-            return int(loss_mask[rows].sum()) / max(n_tok, 1)
-        return len(rows) / n_seq
+def _load_data(config: RLConfig, train_examples, eval_examples):
+    from dyco_probe.data import read_jsonl, synthetic_examples
 
-    # Log-probabilities that stay fixed over the iterations: the reference policy's, and the
-    # sampling policy's when the batch is reused (μ > 1; for μ = 1 the ratio is exactly 1).
-    fixed = []
-    model.eval()
-    for _, batch in chunks:
-        t = batch["completion_mask"].sum(-1).max()
-        ref = (
-            policy_logprobs(ref_model, batch, config.temperature, grad=False)
-            if ref_model is not None
-            else None
-        )
-        old = (
-            policy_logprobs(model, batch, config.temperature, grad=False)
-            if config.num_iterations > 1
-            else None
-        )
-        fixed.append((ref, old, int(t)))
+    if train_examples is None:
+        if config.data:
+            train_examples = read_jsonl(config.data)
+            train_examples = train_examples[: config.n_train] if config.n_train else train_examples
+        else:
+            n = SYNTHETIC_TRAIN if config.n_train is None else config.n_train
+            train_examples = synthetic_examples("train", n)
+    if not train_examples:
+        raise ValueError("the training set is empty (n_train = 0 or an empty data file)")
+    if eval_examples is None:
+        if config.n_eval == 0:
+            eval_examples = []
+        elif config.eval_data:
+            eval_examples = read_jsonl(config.eval_data)[: config.n_eval]
+        else:
+            n = SYNTHETIC_EVAL if config.n_eval is None else config.n_eval
+            eval_examples = synthetic_examples(config.eval_split, n)
+    return list(train_examples), list(eval_examples)
 
-    totals: dict[str, float] = {}
-    grad_norms = []
-    model.train()
-    for _ in range(config.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        for (rows, batch), (ref, old, t) in zip(chunks, fixed):
-            logp = policy_logprobs(model, batch, config.temperature, grad=True)
-            w = share(rows)
-            if w == 0:
-                continue
-            dev = logp.device
-            loss, metrics = policy_loss(
-                config.algo,
-                logp,
-                logp.detach() if old is None else old,
-                adv[rows][:, :t].to(dev),
-                loss_mask[rows][:, :t].to(dev),
-                ref_logp=ref,
-                config=loss_cfg,
-                truncated=rollout.truncated[rows].to(dev) if config.masks_truncated else None,
+
+def _example_at(examples: Sequence, position: int, seed: int):
+    """The example at a global data position: a fresh seeded shuffle per epoch, so the position
+    alone (saved in checkpoints) fixes the order."""
+    n = len(examples)
+    epoch, i = divmod(position, n)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return examples[int(order[i])]
+
+
+def _lr_lambda(warmup_steps: int):
+    return lambda k: min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def _evaluate(handle, examples, config: RLConfig, step: int) -> dict:
+    from dyco_probe.evaluation import evaluate
+
+    t0 = time.perf_counter()
+    res = evaluate(
+        handle,
+        examples,
+        max_new_tokens=config.eval_max_new_tokens,
+        batch_size=config.eval_batch_size,
+        progress=False,
+    )
+    lo, hi = res.accuracy_ci
+    record = {
+        "kind": "eval",
+        "step": step,
+        "accuracy": res.accuracy,
+        "accuracy_ci_low": lo,
+        "accuracy_ci_high": hi,
+        "format": res.format_rate,
+        "n": res.n,
+        "time_eval": time.perf_counter() - t0,
+    }
+    problems = [getattr(ex, "problem", None) for ex in examples]
+    if all(p is not None for p in problems) and any(p.note is not None for p in problems):
+        from dyco_probe.task.notes import note_summary
+
+        record.update(
+            note_summary(
+                problems, [r["completion"] for r in res.records], [r["correct"] for r in res.records]
             )
-            (loss * w).backward()
-            for k, v in {"loss": loss.item(), **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + w * v / config.num_iterations
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)))
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    out = {("kl" if k == "kl_mean" else k): v for k, v in totals.items()}
-    if ref_model is None:
-        out.pop("kl", None)  # without a reference the k3 term is 0 by construction
-    out.update(grad_norm=float(np.mean(grad_norms)), lr=scheduler.get_last_lr()[0], loss_tokens=n_tok)
-    if not all(math.isfinite(v) for v in out.values()):
-        raise FloatingPointError(f"non-finite training metrics: {out}")
-    return out
+        )
+    return record
 
 
-def _is_vision_parameter(name: str) -> bool:
-    """Parameters of the vision tower: Qwen-VL's ``visual`` (patch merger included), LLaVA's
-    ``vision_tower`` (its projector stays trainable)."""
-    parts = name.split(".")
-    return "visual" in parts or "vision_tower" in parts
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+def _masked(x: Tensor, mask: Tensor) -> Tensor:
+    return x[mask] if mask.any() else torch.zeros(1)
+
+
+def _step_metrics(rollout: Rollout, adv: Tensor, scored, loss_mask: Tensor, n_groups_sampled: int) -> dict:
+    lengths = rollout.mask.sum(-1).float()
+    groups = rollout.group_ids
+    m = {
+        "reward": float(rollout.rewards.mean()),
+        "reward_std": float(rollout.rewards.std()) if len(rollout) > 1 else 0.0,
+        **{k: float(v.mean()) for k, v in rollout.reward_parts.items()},
+        "completion_length": float(lengths.mean()),
+        "completion_length_min": float(lengths.min()),
+        "completion_length_max": float(lengths.max()),
+        "truncated_fraction": float(rollout.truncated.float().mean()),
+        "groups": int(groups.unique().numel()),
+        "groups_sampled": n_groups_sampled,
+        "frac_reward_zero_std": 1.0 - float(dynamic_sampling_mask(rollout.rewards, groups).float().mean()),
+    }
+    a = _masked(adv, loss_mask)
+    m.update(
+        adv_mean=float(a.mean()),
+        adv_std=float(a.std()) if a.numel() > 1 else 0.0,
+        adv_abs=float(a.abs().mean()),
+    )
+    if scored is not None:
+        mask = rollout.mask
+        roles = scored["roles"][mask]
+        active = roles != Role.NEUTRAL
+        s, w = scored["s"][mask], scored["w"][mask]
+        m.update(
+            role_visual=float((roles == Role.VISUAL).float().mean()),
+            role_text=float((roles == Role.TEXT).float().mean()),
+            role_neutral=float((roles == Role.NEUTRAL).float().mean()),
+            s_mean=float(s.mean()),
+            s_mean_active=float(s[active].mean()) if active.any() else 0.0,
+            w_std=float(w.std()) if w.numel() > 1 else 0.0,
+            w_min=float(w.min()),
+            w_max=float(w.max()),
+            seq_score_mean=float(scored["sequence_score"].mean()),
+            seq_score_std=float(scored["sequence_score"].std()) if len(rollout) > 1 else 0.0,
+        )
+    return m
