@@ -27,24 +27,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def get_trace(args):
     """The trace to analyse (cached in ``--runs``), and the tokenizer and examples ground truth needs."""
     import dyco_probe as dp
-    from dyco_probe.models.loading import weights_sha256
+    from dyco_probe.models.loading import weights_digest
 
     if args.trace:
         return dp.Trace.load(args.trace), None, None
     examples = dp.read_jsonl(args.data)[: args.n] if args.data else dp.synthetic_examples(args.split, args.n)
     name = (
         Path(args.model).name
-        + f"-{(weights_sha256(args.model) or 'nohash')[:12]}"  # a retrained checkpoint never reuses a stale trace
+        + f"-{weights_digest(args.model, missing='nohash')}"  # a retrained checkpoint never reuses a stale trace
         + (f"-{Path(args.data).stem}" if args.data else f"-{args.split}")
         + f"-n{args.n}"
     )
@@ -103,7 +101,7 @@ def main(argv=None) -> int:
     roles = None
     if args.roles == "ground_truth":
         if tokenizer is None:
-            from dyco_probe.commands.roles import load_tokenizer
+            from dyco_probe.models.loading import load_tokenizer
 
             tokenizer = load_tokenizer(trace.metadata.get("model_source") or args.model)
         roles = dp.get_labeller("ground_truth")(trace, examples=examples, tokenizer=tokenizer)
@@ -141,4 +139,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,12 +1,12 @@
-"""analyses/validate_labellers.py: where the tokens each labeller calls visual look."""
+"""The labeller validation (dyco_probe.studies.labellers, labeller_dependency): where the tokens each labeller calls visual look."""
 
 import math
 
 import pytest
 import torch
 
-from analyses.validate_labellers import visual_token_peaks
 from dyco_probe.roles import Role
+from dyco_probe.studies.labellers import visual_token_peaks
 from dyco_probe.tracing import Trace
 
 V, X, N = int(Role.VISUAL), int(Role.TEXT), int(Role.NEUTRAL)
@@ -62,7 +62,7 @@ def test_visual_token_peaks_score_look_ups_and_count_the_rest():
 
 
 def test_overlap_counts_visual_tokens_of_two_labellers():
-    from analyses.validate_labellers import overlap
+    from dyco_probe.studies.labellers import overlap
 
     truth = torch.tensor([[V, V, X, N], [V, X, X, N]])
     a = torch.tensor([[V, X, V, N], [V, V, X, V]])
@@ -77,10 +77,10 @@ def test_dependency_section_writes_its_files(tmp_path):
     """The counterfactual labeller's validation end to end on a miniature model and gold chains."""
     import argparse
 
-    from analyses.validate_labellers import dependency_section
     from dyco_probe.api import trace_completions
     from dyco_probe.data import synthetic_examples
     from dyco_probe.labellers import get_labeller
+    from dyco_probe.studies.labeller_dependency import dependency_section
     from dyco_probe.testing import mini_builtin
 
     handle = mini_builtin()
