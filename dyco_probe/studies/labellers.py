@@ -53,14 +53,14 @@ def role_agreement(trace, tokenizer, *, examples=None, theta: float = 0.5) -> di
     task's ground-truth roles, neutral tokens excluded and included (`labellers.compare_roles`), and,
     for traces with image rows, where ground-truth visual tokens' image attention peaks
     (`labellers.attention_peak_share`). JSON-ready (NaN -> None)."""
-    from .labellers import (
+    from dyco_probe.labellers import (
         attention_peak_share,
         compare_roles,
         get_labeller,
         ground_truth_alignments,
         relevant_image_tokens,
     )
-    from .roles import ROLE_NAMES
+    from dyco_probe.roles import ROLE_NAMES
 
     aligned = ground_truth_alignments(trace, examples, tokenizer=tokenizer)
     truth = get_labeller("ground_truth")(trace, examples=examples, tokenizer=tokenizer)
