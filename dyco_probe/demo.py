@@ -28,7 +28,7 @@ Stages, each printing what it does, the command-line equivalent, its findings an
    failure (false-note accuracy up, copies down, no-note accuracy kept)?
 7. **report**: one self-contained HTML page of it all (`dyco-probe report`).
 
-Everything lands in the run directory (layout: ``dyco_probe.report``); ``run.json`` records the
+Everything lands in the run directory (layout: ``dyco_probe.rundir``); ``run.json`` records the
 settings and each stage's time. A rerun skips finished stages and resumes interrupted ones.
 """
 
@@ -36,14 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
+import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("trace", "roles", "tokens", "control", "interventions", "rl", "report")
 
 # The defaults are sized for the built-in model on a 2-core CPU (about 10 minutes in all at most);
@@ -86,7 +83,7 @@ class Demo:
     """The stages over one run directory, with the narrative and the record in ``run.json``."""
 
     def __init__(self, args):
-        from dyco_probe.report import RunDirectory
+        from dyco_probe.rundir import RunDirectory
 
         self.args = args
         self.run = RunDirectory(args.out)
@@ -258,7 +255,8 @@ class Demo:
         return lines + [f"-> {self.run.root}/control.json, control_lookups.csv"]
 
     def roles(self) -> list[str]:
-        from dyco_probe.report import role_agreement
+        from dyco_probe.studies.labeller_validation import LabellerValidation, validate_labellers
+        from dyco_probe.studies.labellers import role_agreement
         from dyco_probe.tracing import Trace
 
         agreement = role_agreement(Trace.load(self.run.trace), self.handle.tokenizer)
@@ -280,40 +278,31 @@ class Demo:
         lines.append(f"-> {self.run.roles}")
         a = self.args
         self.say("full validation: every labeller and distance, each layer and head, a threshold sweep ...")
-        done = self._script(
-            "validate_labellers",
-            ["--n", str(a.n), "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens)]
-            + ["--completions", a.labeller_completions],
-            ["--out", str(self.run.labellers), "--runs", str(self.run.labellers / "traces")],
+        settings = LabellerValidation(
+            model=a.model,
+            n=a.n,
+            batch_size=a.batch_size,
+            max_new_tokens=a.max_new_tokens,
+            completions=a.labeller_completions,
+            out=str(self.run.labellers),
+            runs=str(self.run.labellers / "traces"),
+            progress=False,
         )
-        if done is True:
-            lines.append(f"-> {self.run.labellers}/labeller_validation.md, .csv, figures")
-        elif done:
-            lines.append(done)
+        failed = self._analysis("validate_labellers", validate_labellers, settings)
+        lines.append(failed or f"-> {self.run.labellers}/labeller_validation.md, .csv, figures")
         return lines
 
-    def _script(self, name: str, options: list[str], outputs: list[str]):
-        """Run `python -m analyses.<name>` (from the repository) with the demo's model and threads.
-
-        Returns True when it ran, False when the script is not here, and a warning line when it failed
-        (its output is kept in `<run>/<name>.log`; the demo goes on: one analysis failing should not
-        cost the others)."""
-        if not (ROOT / "analyses" / f"{name}.py").exists():
-            self.say(f"skipped: analyses/{name}.py is not here (run the demo from the repository)")
-            return False
-        cmd = [sys.executable, "-m", f"analyses.{name}", "--model", self.args.model, *options, *outputs]
-        cmd += ["--threads", str(self.args.threads)]
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode == 0:
-            return True
-        log = self.run.root / f"{name}.log"
-        log.write_text(f"$ {' '.join(cmd)}\n\n{done.stdout}\n{done.stderr}")
-        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-        return f"WARNING: analyses/{name}.py failed ({last}); its output is in {log}"
+    def _analysis(self, name: str, run, *args, **kwargs) -> str | None:
+        """Run one analysis of `dyco_probe.studies` (what `analyses/<name>.py` runs). None when it ran;
+        when it failed, a warning line (its traceback is kept in `<run>/<name>.log`; the demo goes on:
+        one analysis failing should not cost the others)."""
+        try:
+            run(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - reported, and the other stages still run
+            log = self.run.root / f"{name}.log"
+            log.write_text(traceback.format_exc())
+            return f"WARNING: analyses/{name}.py failed ({type(e).__name__}: {e}); its traceback is in {log}"
+        return None
 
     def tokens(self) -> list[str]:
         from dyco_probe.analysis import analyse_tokens
@@ -337,16 +326,23 @@ class Demo:
         return lines + [f"-> {self.run.figures}/token_analysis_*.png/.pdf"]
 
     def interventions(self) -> list[str]:
+        from dyco_probe.studies.interventions import HeadlineSettings, headline
+
         a = self.args
         folder = str(self.run.interventions)
-        done = self._script(
-            "interventions_headline",
-            ["--n", str(a.n_interventions), "--batch-size", str(min(16, a.n_interventions))],
-            ["--max-new-tokens", str(min(64, a.max_new_tokens)), "--runs", folder, "--figures", folder]
-            + ["--quiet", "--n-boot", str(a.n_boot)],
+        settings = HeadlineSettings(
+            model=a.model,
+            n=a.n_interventions,
+            batch_size=min(16, a.n_interventions),
+            max_new_tokens=min(64, a.max_new_tokens),
+            runs=folder,
+            figures=folder,
+            quiet=True,
+            n_boot=a.n_boot,
         )
-        if done is not True:
-            return [done] if done else []
+        failed = self._analysis("interventions_headline", headline, settings, say=lambda line: None)
+        if failed:
+            return [failed]
         return _headline_findings(self.run.interventions) + [f"-> {folder}/interventions_headline.md, .png"]
 
     def rl(self) -> list[str]:

@@ -11,11 +11,13 @@ A run directory (every part optional; the commands named write them when pointed
       labellers/                   python -m analyses.validate_labellers --out runs/<name>/labellers
                                    (labeller_validation.{md,csv}, threshold sweep, figures)
       interventions/<sweep>/       dyco-probe sweep FILE.toml --out runs/<name>/interventions/<sweep>
-                                   (results.parquet, manifest.json, parts/)
+                                   (results.parquet, manifest.json, parts/; effects.json: the report's
+                                   summary, dyco_probe.studies.run_summary)
       interventions/*.{md,png}     python -m analyses.interventions_headline --runs runs/<name>/interventions
                                    --figures runs/<name>/interventions
       rl/<label>/                  dyco-probe train --out runs/<name>/rl/<label> (a `TrainingRun`)
-      figures/                     token-analysis figures and tables (PNG + PDF, .md, .json)
+      figures/                     token-analysis figures and tables (PNG + PDF, .md, .json;
+                                   dyco_probe.studies.run_summary, or the demo)
       report.html                  dyco-probe report --run runs/<name>
 
 A training run (``dyco-probe train --out``, ``dyco_probe.rl.train``)::
@@ -81,6 +83,11 @@ class RunDirectory:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+    @staticmethod
+    def effects(sweep: Path) -> Path:
+        """A sweep's effects as the report draws them (`dyco_probe.studies.run_summary`)."""
+        return Path(sweep) / "effects.json"
 
     def sweeps(self) -> list[Path]:
         """Sweep directories under `interventions/` (those with a manifest or merged results)."""

@@ -480,7 +480,7 @@ def test_every_option_has_its_own_help_with_its_default():
 
 
 def test_readme_examples_work_as_written(tmp_path):
-    from dyco_probe.report import RunDirectory
+    from dyco_probe.rundir import RunDirectory
 
     trace = Trace(
         token_ids=torch.zeros(1, 2, dtype=torch.long),

@@ -15,14 +15,9 @@ from test_analysis import make_trace  # noqa: E402
 from test_viz import with_image_rows  # noqa: E402
 
 from dyco_probe.cli import main  # noqa: E402
-from dyco_probe.report import (  # noqa: E402
-    RunDirectory,
-    build_report,
-    labeller_table,
-    markdown_html,
-    read_rl_run,
-    report_status,
-)
+from dyco_probe.report import build_report, markdown_html, report_status  # noqa: E402
+from dyco_probe.rundir import RunDirectory, read_rl_run  # noqa: E402
+from dyco_probe.studies.labellers import labeller_table  # noqa: E402
 
 torch.set_num_threads(1)
 SECTIONS = [

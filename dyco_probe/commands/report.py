@@ -4,7 +4,7 @@
     dyco-probe report --run runs/mine --data my.jsonl --timelines 6 # images of a user's own data
 
 The page embeds every figure and table, inlines plotly.js (no CDN: it opens offline) and lists what
-the run directory lacks with the command that makes it. The layout is in ``dyco_probe.report``.
+the run directory lacks with the command that makes it. The layout is in ``dyco_probe.rundir``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def register(sub) -> None:
     p.add_argument(
         "--run",
         required=True,
-        help="run directory runs/<name>, holding trace.parquet, interventions/, rl/ ... (required; layout: dyco_probe.report)",
+        help="run directory runs/<name>, holding trace.parquet, interventions/, rl/ ... (required; layout: dyco_probe.rundir)",
     )
     p.add_argument("--out", help="HTML file to write (default: <run>/report.html)")
     p.add_argument("--trace", help="trace parquet (default: <run>/trace.parquet)")

@@ -62,6 +62,7 @@ class LabellerValidation:
     counterfactuals: list[str] = field(default_factory=lambda: list(COUNTERFACTUALS))
     divergences: list[str] = field(default_factory=lambda: list(DIVERGENCES))
     mask_fraction: float | None = None  # patches (None: the library's)
+    progress: bool = True  # progress bars of the tracing
 
 
 def _save(fig, path: Path) -> None:

@@ -143,6 +143,7 @@ def collect(args) -> dict:
     # traces depend on the weights and the data: one cache folder per (weights, split, n, budget)
     key = f"{weights_digest(args.model)}-{args.split}-{args.n}-{args.max_new_tokens}"
     runs = Path(args.runs) / key / args.completions
+    progress = getattr(args, "progress", True)
     runs.mkdir(parents=True, exist_ok=True)
     handle = load(args.model)
     examples = synthetic_examples(args.split, args.n)
@@ -151,7 +152,9 @@ def collect(args) -> dict:
         if args.completions == "gold":  # the gold chains, teacher-forced
             gold = [ex.completion for ex in examples]
             config = TraceConfig(image_rows=True)
-            return trace_completions(handle, examples, gold, config=config, batch_size=args.batch_size).trace
+            return trace_completions(
+                handle, examples, gold, config=config, batch_size=args.batch_size, progress=progress
+            ).trace
         return trace(
             handle,
             examples,
@@ -159,6 +162,7 @@ def collect(args) -> dict:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             parts=runs / "online.parts",
+            progress=progress,
         ).trace
 
     main = cached(runs / "traced.parquet", online)
@@ -168,7 +172,9 @@ def collect(args) -> dict:
 
     def offline(config):
         return lambda: (
-            trace_completions(handle, examples, ids, config=config, batch_size=args.batch_size).trace
+            trace_completions(
+                handle, examples, ids, config=config, batch_size=args.batch_size, progress=progress
+            ).trace
         )
 
     by_distance = {
