@@ -251,3 +251,14 @@ def test_demo_quick_on_a_tiny_checkpoint(tmp_path, capsys):
     assert again.count("already done in an earlier run") == len(STAGES) - 1
     with pytest.raises(SystemExit, match="other settings"):
         demo_main([*argv, "--n", "9"])
+
+
+def test_render_report_writes_nothing_but_the_page(full_run, tmp_path):
+    from dyco_probe.report import render_report
+
+    def files():
+        return {p: p.stat().st_mtime_ns for p in full_run.root.rglob("*") if p.is_file()}
+
+    before = files()
+    out = render_report(full_run.root, out=tmp_path / "page.html", timelines=1)
+    assert out.exists() and files() == before
