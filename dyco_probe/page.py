@@ -11,7 +11,16 @@ import json
 import math
 import re
 
-__all__ = ["CSS", "png_figure_html", "json_html", "markdown_html", "missing", "note", "png_html", "table_html"]
+__all__ = [
+    "CSS",
+    "png_figure_html",
+    "json_html",
+    "markdown_html",
+    "missing",
+    "note",
+    "png_html",
+    "table_html",
+]
 
 
 def _inline(text: str) -> str:
