@@ -59,16 +59,24 @@ def save_checkpoint(obj, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
 
 
+def _remove_stale(path: Path) -> None:
+    """Remove what a write of ``path`` killed before its rename left behind."""
+    for stale in path.parent.glob(f".{path.name}.*.partial"):
+        stale.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: Path) -> dict | None:
     """A checkpoint, or ``None`` when there is none; an unreadable one is a ``RuntimeError`` that says
     how to start over."""
     path = Path(path)
+    _remove_stale(path)
     if not path.exists():
         return None
     try:

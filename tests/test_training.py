@@ -39,6 +39,9 @@ def test_checkpoints_are_atomic_and_a_corrupt_one_says_so(tmp_path):
     save_checkpoint({"step": 3, "x": torch.ones(2)}, path)
     assert load_checkpoint(path)["step"] == 3
     assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+    (path.parent / ".checkpoint.pt.0123abcd.partial").write_bytes(b"half")  # a write killed before its rename
+    save_checkpoint({"step": 4}, path)
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]
     path.write_bytes(b"garbage")
     with pytest.raises(RuntimeError, match="corrupt checkpoint"):
         load_checkpoint(path)

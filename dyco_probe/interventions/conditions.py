@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..labellers import check_options, get_labeller
+from ..layers import parse_layer_choice
 from ..roles import TAU_TXT, TAU_VIS
 from .queries import TARGETS
 from .spec import KEY_SPANS, Intervention, layers_label, parse_layers
@@ -311,7 +312,7 @@ class SweepConfig:
         from ..tracing import TraceConfig
 
         layers = self.roles["layers"]
-        layers = None if layers == "last" else layers
+        layers = parse_layer_choice(layers) if isinstance(layers, str) else layers
         return TraceConfig(layers=layers, text_span=self.roles["text_span"])
 
 
