@@ -81,6 +81,29 @@ def eos_token_ids(handle) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos])
 
 
+def placeholder_ids(model) -> list[int]:
+    """Image/video placeholder and vision delimiter ids: a completion must never contain them (the
+    teacher-forced forward would look for image features for them), so generation suppresses them."""
+    cfg = model.config
+    names = (
+        "image_token_id",
+        "image_token_index",
+        "video_token_id",
+        "vision_start_token_id",
+        "vision_end_token_id",
+        "video_token_index",  # LLaVA-OneVision
+        "boi_token_index",  # Gemma 3's image start / end markers
+        "eoi_token_index",
+    )
+    return sorted({int(v) for v in (getattr(cfg, n, None) for n in names) if v is not None})
+
+
+def suppressed_tokens(model) -> list[int]:
+    """The model's own ``generation_config.suppress_tokens`` plus :func:`placeholder_ids`."""
+    own = getattr(getattr(model, "generation_config", None), "suppress_tokens", None) or []
+    return sorted({int(t) for t in own} | set(placeholder_ids(model)))
+
+
 def generate(
     handle,
     examples: Sequence,
@@ -128,6 +151,7 @@ def generate(
             do_sample=do_sample,
             num_return_sequences=num_samples,
             pad_token_id=pad_id,
+            suppress_tokens=suppressed_tokens(handle.model) or None,
         )
         if do_sample:
             gen_kwargs.update(temperature=temperature, top_p=top_p)

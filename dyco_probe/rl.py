@@ -49,6 +49,7 @@ from torch import Tensor
 
 from dyco_probe.distances import DISTANCES
 from dyco_probe.files import atomic_path, write_text_atomic
+from dyco_probe.generation import suppressed_tokens
 from dyco_probe.labellers import check_options, get_labeller
 from dyco_probe.losses import LOSSES, LossConfig, dynamic_sampling_mask, policy_loss
 from dyco_probe.roles import Role
@@ -486,23 +487,6 @@ def _eos_ids(handle) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def _placeholder_ids(model) -> list[int]:
-    """Image/video placeholder and vision delimiter ids: a completion must never contain them (the
-    teacher-forced forward would look for image features for them), so sampling suppresses them."""
-    cfg = model.config
-    names = (
-        "image_token_id",
-        "image_token_index",
-        "video_token_id",
-        "vision_start_token_id",
-        "vision_end_token_id",
-        "video_token_index",  # LLaVA-OneVision
-        "boi_token_index",  # Gemma 3's image start / end markers
-        "eoi_token_index",
-    )
-    return sorted({int(v) for v in (getattr(cfg, n, None) for n in names) if v is not None})
-
-
 def _prompts_and_images(handle, examples) -> tuple[list[str], list[list]]:
     images = [ex.load_images() for ex in examples]
     return [handle.prompt(ex.question, len(ims)) for ex, ims in zip(examples, images)], images
@@ -537,7 +521,7 @@ def sample_rollout(
         top_k=0,
         num_return_sequences=num_generations,
         pad_token_id=pad_id,
-        suppress_tokens=_placeholder_ids(handle.model) or None,
+        suppress_tokens=suppressed_tokens(handle.model) or None,
     )
     was_training = handle.model.training
     handle.model.eval()
