@@ -45,6 +45,7 @@ def intervene(
     spans: Spans | None = None,
     completion_start: Tensor | int | None = None,
     image_token_id: int | None = None,
+    key_column_offset: Tensor | int | None = None,
 ) -> Iterator[InterventionLog]:
     """Apply `spec` to the queries in `queries` at `spec.layers` while the block runs.
 
@@ -60,6 +61,8 @@ def intervene(
             `question` and `completion`. Default: the padded prompt length (`spans`), or the length of
             the forward that started the sequence.
         image_token_id: default from the model config.
+        key_column_offset: added per sample (int, or `[B]`) to the `positions` key columns, for a
+            batch re-padded after the prompt was encoded (see `KeyLayout.column_offset`).
 
     Yields an `InterventionLog`. A λ = 1 spec, an empty query set or an empty key set adds no bias
     at all: the block then runs exactly as without intervention. A knockout that leaves a query no
@@ -72,7 +75,7 @@ def intervene(
         layers = attention_layers(model)
     state: dict = {"layout": None}
     if spans is not None:
-        state["layout"] = KeyLayout.from_spans(spans, completion_start)
+        state["layout"] = KeyLayout.from_spans(spans, completion_start, key_column_offset)
     image_id = image_token_id_of(model) if image_token_id is None else int(image_token_id)
     value = spec.logit_bias
     num_heads = model.config.get_text_config().num_attention_heads
@@ -88,7 +91,7 @@ def intervene(
             return
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
         image = image_positions(model, {**kwargs, "input_ids": input_ids}, image_id)
-        state["layout"] = KeyLayout.build(image, valid.bool(), completion_start)
+        state["layout"] = KeyLayout.build(image, valid.bool(), completion_start, key_column_offset)
 
     def hook(call):
         layout = state["layout"]

@@ -117,7 +117,9 @@ def regenerate(
             toks = sel[i].nonzero().flatten()
             toks = toks[toks >= int(prefix[i])]
             queries[i, width - 1 - int(prefix[i]) + toks] = True
-        context = intervene(model, spec, queries, completion_start=(width - prefix))
+        # the prompt's columns moved by the re-padding: `positions` keys follow them
+        offset = width - prompt_inputs["input_ids"].shape[1] - prefix
+        context = intervene(model, spec, queries, completion_start=(width - prefix), key_column_offset=offset)
     if context is None:
         new, _ = generate_greedy(model, inputs, budget)
     else:

@@ -201,27 +201,44 @@ class KeyLayout:
         valid: `[B, C]` bool, non-padding columns (columns past `C` count as valid).
         last_image: `[B]` long, last image column of each sample (-1 without image).
         completion_start: `[B]` long, each sample's first completion column.
+        column_offset: `[B]` long, added to the `positions` key columns of each sample: where a
+            batch was re-padded after its prompt was encoded (free-running regeneration), the
+            prompt's column `c` of sample `i` is now `c + column_offset[i]`.
     """
 
     image: Tensor
     valid: Tensor
     last_image: Tensor
     completion_start: Tensor
+    column_offset: Tensor | None = None
 
     @classmethod
-    def from_spans(cls, spans: Spans, completion_start: Tensor | int | None = None) -> KeyLayout:
+    def from_spans(
+        cls, spans: Spans, completion_start: Tensor | int | None = None, column_offset=None
+    ) -> KeyLayout:
         """From prompt spans; completion starts at the padded prompt length unless given."""
-        return cls.build(spans.image, spans.valid, completion_start)
+        return cls.build(spans.image, spans.valid, completion_start, column_offset)
 
     @classmethod
-    def build(cls, image: Tensor, valid: Tensor, completion_start: Tensor | int | None = None) -> KeyLayout:
+    def build(
+        cls, image: Tensor, valid: Tensor, completion_start: Tensor | int | None = None, column_offset=None
+    ) -> KeyLayout:
         b, c = image.shape
         cols = torch.arange(c, device=image.device)
         last = torch.where(image, cols, torch.full_like(cols, -1)).amax(-1) if c else image.new_full((b,), -1)
         if completion_start is None:
             completion_start = c
         start = torch.as_tensor(completion_start, dtype=torch.long, device=image.device).expand(b).clone()
-        return cls(image=image.bool(), valid=valid.bool(), last_image=last.long(), completion_start=start)
+        offset = None
+        if column_offset is not None:
+            offset = torch.as_tensor(column_offset, dtype=torch.long, device=image.device).expand(b).clone()
+        return cls(
+            image=image.bool(),
+            valid=valid.bool(),
+            last_image=last.long(),
+            completion_start=start,
+            column_offset=offset,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -249,6 +266,10 @@ class KeyLayout:
         if keys == "image":
             return self._fit(self.image, num_keys, False)[:, None, :]
         if keys == "positions":
+            if self.column_offset is not None:
+                wanted = torch.tensor(key_columns, dtype=torch.long, device=device)
+                shifted = wanted[None, :] + self.column_offset.to(device)[:, None]  # [B, n]
+                return (cols[None, :, None] == shifted[:, None, :]).any(-1)[:, None, :]
             chosen = torch.zeros(num_keys, dtype=torch.bool, device=device)
             inside = [c for c in key_columns if c < num_keys]
             if inside:
