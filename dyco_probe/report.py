@@ -272,6 +272,53 @@ def _labeller_section(page: _Page, run: RunDirectory, seen: set) -> None:
     )
 
 
+def _control_section(page: _Page, run: RunDirectory, seen: set) -> None:
+    import pandas as pd
+
+    from .positive_control import verdict
+
+    title = "Positive control: copied vs read look-ups"
+    if not run.control.exists():
+        page.add(
+            "control",
+            title,
+            missing(
+                "the positive control (which signals tell a look-up copied from a note from one read from the image)",
+                "python -m dyco_probe.demo --out " + str(run.root) + " (its control stage)",
+            ),
+            present=False,
+        )
+        return
+    detection = json.loads(run.control.read_text())
+    rows = [
+        {
+            "signal": d["description"],
+            "AUROC": round(_nan(d["auroc"]), 3),
+            "95% CI": f"{_nan(d['ci_low']):.3f} to {_nan(d['ci_high']):.3f}",
+            "mean, read": round(_nan(d["mean_read"]), 3),
+            "mean, copied": round(_nan(d["mean_copied"]), 3),
+            "same sign": f"{d['prompts_read_higher']}/{d['prompts_with_both']}",
+            "verdict": verdict(d),
+        }
+        for d in detection.values()
+    ]
+    counts = ""
+    if run.control_lookups.exists():
+        table = pd.read_csv(run.control_lookups, keep_default_na=False)
+        noted = table[table["note"] != ""]
+        counts = (
+            f" {int((noted['lookup'] == 'read').sum())} noted look-ups read the image, "
+            f"{int((noted['lookup'] == 'copied').sum())} copied the note."
+        )
+    body = note(
+        "The built-in model's planted failure: at the look-up of a noted object it may copy the note "
+        "instead of reading the image. Per signal at the look-up's value token: the AUROC for telling "
+        "read from copied (0.5: blind; below: inverted), 95% interval from a bootstrap over prompts; "
+        "<i>same sign</i>: prompts with both forms whose read tokens score higher." + html.escape(counts)
+    ) + table_html(pd.DataFrame(rows))
+    page.add("control", title, body)
+
+
 def _intervention_section(page: _Page, run: RunDirectory, seen: set) -> None:
     import pandas as pd
 
@@ -478,6 +525,7 @@ def render_report(
     page, seen = _Page(), set()
     found = _trace_sections(page, run, Path(options["trace"]), options)
     _labeller_section(page, run, seen)
+    _control_section(page, run, seen)
     _intervention_section(page, run, seen)
     _rl_section(page, run, seen)
     _settings_section(page, run, options, found.get("trace"))

@@ -10,6 +10,9 @@ A run directory (every part optional; the commands named write them when pointed
                                    (dyco_probe.studies.labellers.role_agreement; the demo, or the report)
       labellers/                   python -m analyses.validate_labellers --out runs/<name>/labellers
                                    (labeller_validation.{md,csv}, threshold sweep, figures)
+      control.json                 the positive control: per signal, AUROC for telling a look-up copied from
+                                   the note from one read from the image (the demo's control stage;
+                                   dyco_probe.positive_control.detection); control_lookups.csv: its rows
       interventions/<sweep>/       dyco-probe sweep FILE.toml --out runs/<name>/interventions/<sweep>
                                    (results.parquet, manifest.json, parts/; effects.json: the report's
                                    summary, dyco_probe.studies.run_summary)
@@ -58,6 +61,16 @@ class RunDirectory:
     @property
     def roles(self) -> Path:
         return self.root / "roles.json"
+
+    @property
+    def control(self) -> Path:
+        """`control.json`: the positive control's detection table (`positive_control.detection`)."""
+        return self.root / "control.json"
+
+    @property
+    def control_lookups(self) -> Path:
+        """`control_lookups.csv`: one row per look-up value token of the control's samples."""
+        return self.root / "control_lookups.csv"
 
     @property
     def labellers(self) -> Path:

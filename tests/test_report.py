@@ -26,6 +26,7 @@ SECTIONS = [
     "Token timelines",
     "Roles against the ground truth",
     "Labeller validation",
+    "Positive control: copied vs read look-ups",
     "Interventions",
     "RL with and without DyCo",
     "Settings and files",
@@ -60,6 +61,28 @@ def write_rl_run(path, dyco: str, steps: int = 6):
         }
     )
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def write_control(run):
+    """The demo's control stage's files: look-up rows and their detection table."""
+    from dyco_probe.positive_control import detection
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for prompt in range(6):
+        for lookup in ["read", "copied", "copied", ""]:
+            rows.append(
+                dict(
+                    prompt=prompt,
+                    note="" if lookup == "" else "false",
+                    lookup=lookup or "read",
+                    r_vis_norm=(0.6 if lookup == "read" else 0.1) + 0.05 * rng.random(),  # sees it
+                    s=rng.random(),  # blind
+                )
+            )
+    table = pd.DataFrame(rows)
+    table.to_csv(run.control_lookups, index=False)
+    run.control.write_text(json.dumps(detection(table, n_boot=50), default=float))
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +146,7 @@ def full_run(tmp_path_factory):
     (run.interventions / "interventions_headline.md").write_text("## Headline\n\n- one finding\n")
     write_rl_run(run.rl / "grpo-off", "off")
     write_rl_run(run.rl / "grpo-token", "token")
+    write_control(run)
     run.run_json.write_text(json.dumps({"settings": {"n": 8}, "stages": {}}))
     return run
 
@@ -149,6 +173,15 @@ def test_report_with_every_part(full_run):
     assert "<td>&lt;answer&gt;</td>" in text
     assert "merged results" in text and "--merge" in text  # the unmerged sweep
     assert "grpo-token" in text and "held-out accuracy before" in text
+    control = re.sub(r">\s+<", "><", text[text.index('id="control"') : text.index('id="interventions"')])
+    assert "6 noted look-ups read the image, 12 copied the note" in control
+    assert re.search(
+        r"r_vis / \(r_vis \+ r_txt\)</td><td>1\.000</td><td>1\.000 to 1\.000</td>(<td>[^<]*</td>){2}<td>6/6</td><td>sees it</td>",
+        control,
+    )
+    assert re.search(
+        r"s_t \(Fisher–Rao roles\)</td>(<td>[^<]*</td>){5}<td>(blind|inverted|sees it weakly)</td>", control
+    )
     for name in ("overview", "role_fractions", "auroc"):
         assert (full_run.figures / f"token_analysis_{name}.png").exists()
         assert (full_run.figures / f"token_analysis_{name}.pdf").exists()
@@ -166,6 +199,7 @@ def test_report_of_an_empty_run_says_what_is_missing(tmp_path):
         "analyses.validate_labellers",
         "dyco-probe sweep",
         "dyco-probe train",
+        "its control stage",
     ):
         assert command in text
     with pytest.raises(FileNotFoundError):
