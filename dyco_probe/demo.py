@@ -239,9 +239,9 @@ class Demo:
         table, _ = copy_vs_read(
             self.handle, noted, a.control_samples, seed=a.seed, batch_size=a.batch_size, progress=not a.quiet
         )
-        table.to_csv(self.run.root / "control_lookups.csv", index=False)
+        table.to_csv(self.run.control_lookups, index=False)
         det = detection(table, n_boot=a.n_boot)
-        (self.run.root / "control.json").write_text(json.dumps(det, indent=2, default=float) + "\n")
+        self.run.control.write_text(json.dumps(det, indent=2, default=float) + "\n")
         n = table[table["note"] != ""]
         lines = [
             f"{len(noted)} noted problems x {a.control_samples} samples: {int((n['lookup'] == 'read').sum())} "
