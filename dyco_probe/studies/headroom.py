@@ -41,19 +41,44 @@ def first_divergence(text: str, problem) -> str | None:
 
 @torch.no_grad()
 def lookup_confidence(handle, problems, batch_size: int = 50) -> np.ndarray:
-    """``[n_lookups, 3]``: (argmax is right, probability of the right value, probability of the
-    argmax), teacher-forced."""
+    """``[n_lookups, 4]``: (argmax is right, probability of the right value, probability of the
+    argmax, the look-up is of the object a note names), teacher-forced on the gold chains (every
+    look-up read from the image)."""
+    from dyco_probe.task.problems import LOOKUP_READ
+
     out = []
     for start in range(0, len(problems), batch_size):
-        batch = language_batch(handle, problems[start : start + batch_size], 1.0)
+        chunk = problems[start : start + batch_size]
+        batch = language_batch(handle, chunk, 1.0)
         inputs, lookups = batch.inputs, batch.lookups
+        noted = [bool(w.note) for p in chunk for w in p.chain if w.lookup == LOOKUP_READ]
+        if len(noted) != len(lookups):
+            raise RuntimeError(f"{len(lookups)} look-up queries but {len(noted)} read look-ups in the chains")
         logits = handle.model(**inputs).logits.float()
         ids = inputs["input_ids"]
-        for i, q, _ in lookups:
+        for (i, q, _), flag in zip(lookups, noted):
             p = torch.softmax(logits[i, q], -1)
             target = ids[i, q + 1]
-            out.append((float(p.argmax() == target), float(p[target]), float(p.max())))
+            out.append((float(p.argmax() == target), float(p[target]), float(p.max()), float(flag)))
     return np.array(out)
+
+
+def lookup_summary(conf: np.ndarray) -> dict:
+    """Accuracy, where the wrong look-ups put the right value, and calibration of ``conf``'s rows."""
+    wrong_p = conf[conf[:, 0] == 0, 1]
+    bins = np.histogram(wrong_p, bins=P_BINS)[0] / max(len(wrong_p), 1)
+    calib = calibration(conf[:, 2], conf[:, 0])
+    return {
+        "n": len(conf),
+        "accuracy": float(conf[:, 0].mean()) if len(conf) else float("nan"),
+        "wrong_p_right_bins": {
+            f"[{lo}, {min(hi, 1.0)})": float(b) for lo, hi, b in zip(P_BINS[:-1], P_BINS[1:], bins)
+        },
+        "wrong_mean_p_right": float(wrong_p.mean()) if len(wrong_p) else float("nan"),
+        "calibration": calib,
+        "ece": sum(row["n"] * abs(row["mean_confidence"] - row["accuracy"]) for row in calib)
+        / max(len(conf), 1),
+    }
 
 
 def sampled(handle, examples, k: int, temperature: float, batch_prompts: int, seed: int) -> np.ndarray:
@@ -130,32 +155,46 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{k} {v:.3f}" for k, v in d.items())
         + ".",
         "",
-        "Teacher-forced look-ups on the gold chain (the word read from the image): "
-        f"{report['lookups']['n']} look-ups, argmax right for {report['lookups']['accuracy']:.3f}. "
-        "Probability given to the right value at the look-ups it gets wrong:",
+        "Teacher-forced look-ups on the gold chain (the value read from the image), split by whether "
+        "a note names the looked-up object (at those the model may prefer to cite the note):",
         "",
-        "| p(right value) | share of wrong look-ups |",
-        "| --- | ---: |",
+        "| look-ups | n | argmax right | mean p(right value) when wrong | expected calibration error |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for label, share in report["lookups"]["wrong_p_right_bins"].items():
-        lines.append(f"| {label} | {share:.3f} |")
-    lines += [
-        "",
-        "Calibration of the look-ups (probability of the model's pick against how often the pick is "
-        f"right; expected calibration error {report['lookups']['ece']:.3f}):",
-        "",
-        "| p(pick) | look-ups | mean p(pick) | pick right |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for row in report["lookups"]["calibration"]:
-        lines.append(f"| {row['bin']} | {row['n']} | {row['mean_confidence']:.3f} | {row['accuracy']:.3f} |")
+    for name, lk in _lookup_groups(report):
+        lines.append(
+            f"| {name} | {lk['n']} | {lk['accuracy']:.3f} | {lk['wrong_mean_p_right']:.3f} | {lk['ece']:.3f} |"
+        )
+    for name, lk in _lookup_groups(report):
+        lines += [
+            "",
+            f"{name.capitalize()} look-ups: probability given to the right value where the argmax is wrong, "
+            "and calibration (probability of the model's pick against how often the pick is right):",
+            "",
+            "| p(right value) | share of wrong look-ups |",
+            "| --- | ---: |",
+        ]
+        for label, share in lk["wrong_p_right_bins"].items():
+            lines.append(f"| {label} | {share:.3f} |")
+        lines += ["", "| p(pick) | look-ups | mean p(pick) | pick right |", "| --- | ---: | ---: | ---: |"]
+        for row in lk["calibration"]:
+            lines.append(
+                f"| {row['bin']} | {row['n']} | {row['mean_confidence']:.3f} | {row['accuracy']:.3f} |"
+            )
     lines += ["", "## What it shows", "", report["reading"], ""]
     return "\n".join(lines)
 
 
+def _lookup_groups(report: dict) -> list[tuple[str, dict]]:
+    groups = report["lookup_groups"]
+    return [(name, groups[name]) for name in ("un-noted", "noted") if groups.get(name, {}).get("n")]
+
+
+CALIBRATED_ECE = 0.05  # below this, a group of look-ups counts as calibrated in the reading
+
+
 def reading(report: dict) -> str:
-    lk = report["lookups"]
-    confident = lk["wrong_p_right_bins"][f"[{P_BINS[0]}, {P_BINS[1]})"]
+    """What the numbers say about RL's room, in words chosen by the numbers."""
     parts = []
     for t, s in report["sampling"].items():
         parts.append(
@@ -163,20 +202,31 @@ def reading(report: dict) -> str:
             f"have a correct sample among {report['k']}, and {s['greedy_wrong_correct_share_at_least_half']:.0%} "
             "have a correct share of at least one half"
         )
-    return (
+    text = (
         "RL can only raise greedy accuracy on prompts where the right answer is sampled and greedy is "
-        "wrong; "
-        + "; ".join(parts)
-        + f". Of the look-ups the model gets wrong when teacher-forced, {confident:.0%} give the right value "
-        "under 5% (confident misreads that sampling almost never corrects); the rest are uncertain reads, "
-        "which RL does sample both ways. But the look-ups are calibrated (expected calibration error "
-        f"{lk['ece']:.3f}): where the model says 60/40 it is right about 60% of the time, so its errors "
-        "sit where its image features leave the answer ambiguous. To fix them a learner must read the "
-        "image better, and a sequence-level reward tells it less about that than the per-look-up "
-        "labels the checkpoint was trained on. Expect little or no gain from RL on such a checkpoint; "
-        "a checkpoint whose errors are confident and systematic, or in composition rather than "
-        "perception, leaves RL more to do."
+        "wrong; " + "; ".join(parts) + "."
     )
+    for name, lk in _lookup_groups(report):
+        wrong = 1 - lk["accuracy"]
+        confident = lk["wrong_p_right_bins"][f"[{P_BINS[0]}, {P_BINS[1]})"]
+        if lk["ece"] < CALIBRATED_ECE:
+            text += (
+                f" At {name} look-ups the argmax is wrong {wrong:.0%} of the time and the model is "
+                f"calibrated (expected calibration error {lk['ece']:.3f}): where it says 60/40 it is right "
+                "about 60% of the time, so these errors sit where its image features leave the reading "
+                f"ambiguous ({confident:.0%} of them give the right value under 5%). A sequence-level reward "
+                "says less about reading better than the per-look-up labels the checkpoint was trained on: "
+                "expect little gain from RL on them."
+            )
+        else:
+            text += (
+                f" At {name} look-ups the argmax is wrong {wrong:.0%} of the time and the model is not "
+                f"calibrated (expected calibration error {lk['ece']:.3f}): it is systematically wrong where "
+                f"it is fairly sure, while giving the right value {lk['wrong_mean_p_right']:.0%} on average "
+                "where it is wrong. Errors that are systematic but sampled both ways are what a "
+                "verifiable reward can fix from the model's own samples: expect RL to gain here."
+            )
+    return text
 
 
 @dataclass
@@ -231,20 +281,11 @@ def headroom(args) -> str:
             sampled(handle, examples, args.k, t, args.batch_prompts, args.seed), greedy
         )
     conf = lookup_confidence(handle, problems)
-    wrong_p = conf[conf[:, 0] == 0, 1]
-    bins = np.histogram(wrong_p, bins=P_BINS)[0] / max(len(wrong_p), 1)
-    report["lookups"] = {
-        "n": len(conf),
-        "accuracy": float(conf[:, 0].mean()),
-        "wrong_p_right_bins": {
-            f"[{lo}, {min(hi, 1.0)})": float(b) for lo, hi, b in zip(P_BINS[:-1], P_BINS[1:], bins)
-        },
-        "wrong_mean_p_right": float(wrong_p.mean()) if len(wrong_p) else float("nan"),
-        "calibration": calibration(conf[:, 2], conf[:, 0]),
+    report["lookups"] = lookup_summary(conf)
+    report["lookup_groups"] = {
+        "un-noted": lookup_summary(conf[conf[:, 3] == 0]),
+        "noted": lookup_summary(conf[conf[:, 3] == 1]),
     }
-    report["lookups"]["ece"] = sum(
-        row["n"] * abs(row["mean_confidence"] - row["accuracy"]) for row in report["lookups"]["calibration"]
-    ) / max(len(conf), 1)
     report["reading"] = reading(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
