@@ -156,7 +156,8 @@ def markdown(report: dict) -> str:
         + ".",
         "",
         "Teacher-forced look-ups on the gold chain (the value read from the image), split by whether "
-        "a note names the looked-up object (at those the model may prefer to cite the note):",
+        "a note names the looked-up object. There the model's pick may be `note` (citing the note instead "
+        "of reading): a wrong reading here, and a wrong answer when the note is false.",
         "",
         "| look-ups | n | argmax right | mean p(right value) when wrong | expected calibration error |",
         "| --- | ---: | ---: | ---: | ---: |",
