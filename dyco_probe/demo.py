@@ -396,7 +396,7 @@ class Demo:
                 lines.append(
                     "             "
                     + ", ".join(
-                        f"{k.removeprefix('accuracy_').replace('_', ' ')} {first[k]:.3f} -> {last[k]:.3f}"
+                        f"{k.removeprefix('accuracy_').replace('_', ' ')} {_f(first[k])} -> {_f(last[k])}"
                         for k in (
                             "accuracy_no_note",
                             "accuracy_true_note",
