@@ -155,6 +155,11 @@ class StepSignals:
     def _process(self, rows: Tensor, first: int) -> None:
         """Signals of steps `first .. first + n - 1` from their rows `[B, G, n, K]` (`K` the last
         step's key count; each step's row is cut to its own keys here)."""
+        # float32 math also inside a mixed-precision (autocast) forward
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            self._process_float32(rows, first)
+
+    def _process_float32(self, rows: Tensor, first: int) -> None:
         n, num_keys = rows.shape[2], rows.shape[3]
         cols = torch.arange(num_keys, device=rows.device)
         keys = self._expected_keys(first) + torch.arange(n, device=rows.device)  # [n]
