@@ -1,5 +1,6 @@
 """DyCoGRPOTrainer (dyco_probe.integrations.trl): two TRL training steps on CPU with a tiny built-in
-model, per-token advantages injected as the scorer defines them."""
+model, per-token advantages injected as the scorer defines them, the attention rows taken from a
+forward TRL runs anyway with the numbers of the extra forward."""
 
 import pytest
 import torch
@@ -36,14 +37,15 @@ def checkpoint(tmp_path_factory):
     return str(path), load(path).processor
 
 
-def word_count_reward(completions, answers):
-    """Rewards longer completions: it has a spread even for an untrained model."""
-    return [len(c.split()) / 10 for c in completions]
+def text_reward(completions, answers):
+    """A reward with a spread over any distinct completions of an untrained model (word counts tie
+    when every completion is truncated)."""
+    return [sum(map(ord, c)) % 7 / 7 for c in completions]
 
 
 def make_trainer(checkpoint, tmp_path, dyco, cls=DyCoGRPOTrainer, **kw):
     path, processor = checkpoint
-    args = GRPOConfig(
+    settings = dict(
         output_dir=str(tmp_path / "out"),
         num_generations=4,
         per_device_train_batch_size=4,
@@ -56,12 +58,12 @@ def make_trainer(checkpoint, tmp_path, dyco, cls=DyCoGRPOTrainer, **kw):
         report_to=[],
         use_cpu=True,
         seed=0,
-        **kw,
     )
+    args = GRPOConfig(**{**settings, **kw})
     return cls(
         model=path,
         processing_class=processor,
-        reward_funcs=[as_trl_reward(word_count_reward)],
+        reward_funcs=[as_trl_reward(text_reward)],
         args=args,
         train_dataset=synthetic_dataset("train", 8),
         dyco=dyco,
@@ -73,8 +75,8 @@ class Spy(DyCoGRPOTrainer):
 
     seen: list
 
-    def _reweight(self, advantages, scored, mask):
-        out = super()._reweight(advantages, scored, mask)
+    def _reweight(self, advantages, scored, mask, group_ids):
+        out = super()._reweight(advantages, scored, mask, group_ids)
         self.seen.append((advantages.clone(), scored, mask.clone(), out.clone()))
         return out
 
@@ -107,9 +109,73 @@ def test_sequence_granularity_and_dapo_loss(checkpoint, tmp_path):
     trainer.seen = []
     trainer.train()
     for seq_adv, _, mask, adv in trainer.seen:
-        factor = adv[:, 0] / seq_adv  # one factor per completion, in the clamp range
+        spread = seq_adv != 0  # a group whose rewards tie has no advantage to reweight
+        factor = adv[spread, 0] / seq_adv[spread]  # one factor per completion, in the clamp range
         assert ((factor > 0.8 - 1e-5) & (factor < 1.2 + 1e-5)).all()
-        torch.testing.assert_close(adv, factor[:, None] * seq_adv[:, None] * mask)
+        torch.testing.assert_close(adv[spread], factor[:, None] * seq_adv[spread, None] * mask[spread])
+        assert (adv[~spread] == 0).all()
+
+
+class Compare(DyCoGRPOTrainer):
+    """Also computes each batch's advantages with the extra teacher-forced forward, for comparison."""
+
+    compared: list
+
+    def _apply_dyco(self, batch, trace, extra_forward):
+        sequence_advantages = batch["advantages"].clone()
+        super()._apply_dyco(batch, trace, extra_forward)
+        groups = batch["dyco_group_ids"]
+        reference = self._trace(batch)
+        want = self._reweight(
+            sequence_advantages, self._score(reference, groups), reference.mask.to(groups.device), groups
+        )
+        self.compared.append((extra_forward, (batch["advantages"] - want).abs().max().item()))
+
+
+@pytest.mark.parametrize(
+    "granularity, settings, plan",
+    [
+        ("token", {}, "loss"),  # transformers generation, defaults: the loss forward
+        ("sequence", {}, "loss"),
+        # an old-log-prob pass (as with vLLM's importance-sampling correction): captured there
+        ("token", {"steps_per_generation": 2}, "old_logps"),
+        ("sequence", {"num_iterations": 2}, "old_logps"),
+    ],
+)
+def test_captured_advantages_equal_the_extra_forward(checkpoint, tmp_path, granularity, settings, plan):
+    dyco = ScorerConfig(granularity=granularity, alpha=0.5, tau_txt=0.0)
+    trainer = make_trainer(checkpoint, tmp_path, dyco, cls=Compare, **settings)
+    trainer.compared = []
+    trainer.model.train()
+    assert trainer.dyco_capture_plan() == plan
+    trainer.train()
+    assert trainer.compared and not any(extra for extra, _ in trainer.compared)
+    assert max(diff for _, diff in trainer.compared) < 1e-6
+    logged = [r["dyco/extra_forward"] for r in trainer.state.log_history if "dyco/extra_forward" in r]
+    assert logged and all(x == 0.0 for x in logged)
+
+
+def test_falls_back_to_the_extra_forward(checkpoint, tmp_path):
+    dyco = ScorerConfig(granularity="sequence", tau_txt=0.0)
+    # sequence scores over groups split between micro-batches, without an old-log-prob pass
+    split = make_trainer(
+        checkpoint, tmp_path, dyco, steps_per_generation=2, gradient_accumulation_steps=2, max_steps=1
+    )
+    split.model.train()
+    assert split.dyco_capture_plan() == "extra_forward"
+    forced = make_trainer(checkpoint, tmp_path, dyco, cls=Compare, max_steps=1)
+    forced.dyco_capture = "extra_forward"
+    assert forced.dyco_capture_plan() == "extra_forward"
+    # truncated completions masked out by TRL: it attends differently from the tracer, batch by batch
+    masked = make_trainer(
+        checkpoint, tmp_path, dyco, cls=Compare, max_steps=1, mask_truncated_completions=True
+    )
+    for trainer in (split, forced, masked):
+        trainer.compared = []
+        trainer.train()
+    assert all(r["dyco/extra_forward"] == 1.0 for r in split.state.log_history if "loss" in r)
+    assert forced.compared == [(True, 0.0)]
+    assert masked.compared and all(extra for extra, _ in masked.compared)  # 10 tokens: all truncated
 
 
 def test_off_is_plain_grpo(checkpoint, tmp_path):
