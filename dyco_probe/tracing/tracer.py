@@ -406,7 +406,7 @@ def trace_offline(
     )
     rows = rows_fn(
         model,
-        inputs,
+        _with_positions(model, inputs),
         layers=probe.layers,
         heads=probe.heads,
         query_columns=_completion_queries(spans, completion_ids),
@@ -459,7 +459,7 @@ class OfflineTracer:
         self.model = model
         self.probe = _Probe(model, config or TraceConfig(), image_token_id, tokenizer, eos_token_id)
         self.sample_ids = sample_ids
-        self.spans, self.completion_ids, self.completion_mask, self.inputs = _teacher_forced(
+        self.spans, self.completion_ids, self.completion_mask, self._inputs = _teacher_forced(
             self.probe, prompt_inputs, completion_ids, completion_mask, sample_ids
         )
         self.query_columns = _completion_queries(self.spans, self.completion_ids)
@@ -467,6 +467,11 @@ class OfflineTracer:
         self._done = 0  # samples whose rows have been turned into signals
         self._rows: list[Tensor] = []  # the current chunk's rows, one per probed layer so far
         self._results: list[dict[str, Tensor]] = []
+
+    @functools.cached_property
+    def inputs(self) -> dict:
+        """The forward's inputs over `prompt ++ completion`, as `trace_offline` would run it."""
+        return _with_positions(self.model, self._inputs)
 
     def __enter__(self) -> OfflineTracer:
         self._ctx = attention_hooks(self.model, self._on_attention, layers=self.probe.layers)
@@ -543,8 +548,7 @@ def _completion_queries(spans: Spans, completion_ids: Tensor) -> Tensor:
 
 def _teacher_forced(probe: _Probe, prompt_inputs: dict, completion_ids: Tensor, completion_mask, sample_ids):
     """Check a teacher-forced batch and lay it out: `(spans, completion_ids, completion_mask, inputs)`,
-    `inputs` the forward's over `prompt ++ completion` (positions as `generate` makes them)."""
-    model = probe.model
+    `inputs` the forward's over `prompt ++ completion` (without position ids: `_with_positions`)."""
     spans = probe.spans(prompt_inputs)
     prompt_ids = prompt_inputs["input_ids"]
     b, length = prompt_ids.shape
@@ -579,9 +583,11 @@ def _teacher_forced(probe: _Probe, prompt_inputs: dict, completion_ids: Tensor, 
         if inputs.get(key) is not None:
             mm = inputs[key]
             inputs[key] = torch.cat([mm, torch.zeros_like(completion_ids, dtype=mm.dtype)], dim=1)
-    position_ids = _generation_position_ids(model, input_ids, inputs)
-    if position_ids is not None:
-        inputs["position_ids"] = position_ids
     inputs["input_ids"] = input_ids
-
     return spans, completion_ids, completion_mask, inputs
+
+
+def _with_positions(model, inputs: dict) -> dict:
+    """`inputs` with position ids as `generate` makes them (Qwen-VL's mRoPE from the image grids)."""
+    position_ids = _generation_position_ids(model, inputs["input_ids"], inputs)
+    return inputs if position_ids is None else {**inputs, "position_ids": position_ids}
