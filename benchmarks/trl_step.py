@@ -5,7 +5,9 @@ Every variant trains a fresh model loaded from the same checkpoint with the same
 accuracy and format rewards and a KL term (``beta``, so TRL runs a reference forward). The variants
 run interleaved, ``--repeats`` times, in a rotating order; reported are medians, and the step ratio
 to plain TRL as the median over repeats of each run's mean step time over the TRL run of the same
-repeat.
+repeat, in wall time and in this process's CPU time (``time.process_time``, all threads), which other
+jobs on a shared machine inflate far less. The DyCo share is the timed DyCo parts (tracing and
+scoring) over the variant's own step: a figure that contention between runs does not move.
 
 Variants: ``trl`` (``GRPOTrainer``), ``token`` / ``sequence`` (``DyCoGRPOTrainer``, attention rows
 captured in a forward TRL runs anyway) and ``token-extra`` / ``sequence-extra``
@@ -168,8 +170,9 @@ def make_checkpoint(name: str, tmp: str) -> tuple[str, str]:
     return name, name
 
 
-def run_variant(variant: str, path: str, args, out: str) -> tuple[list[float], list[dict], list[float]]:
-    """Train one variant; ``(step seconds, per-step parts, completion lengths)`` of the timed steps."""
+def run_variant(variant: str, path: str, args, out: str):
+    """Train one variant; ``(step seconds, step CPU seconds, per-step parts, completion lengths)`` of
+    the timed steps."""
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -220,15 +223,17 @@ def run_variant(variant: str, path: str, args, out: str) -> tuple[list[float], l
             capture="extra_forward" if extra else "auto",
         )
     steps: list[float] = []
+    cpu: list[float] = []
     parts: list[dict] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *_, **__):
             CLOCK.take()
-            self.start = time.perf_counter()
+            self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *_, **__):
             steps.append(time.perf_counter() - self.start)
+            cpu.append(time.process_time() - self.start_cpu)
             parts.append(CLOCK.take())
 
     trainer.add_callback(Clock())
@@ -241,7 +246,7 @@ def run_variant(variant: str, path: str, args, out: str) -> tuple[list[float], l
     if variant != "trl":
         assert plans == ({1.0} if "extra" in variant else {0.0}), (variant, plans)
     w = args.warmup
-    return steps[w:], parts[w:], lengths[w:] or lengths
+    return steps[w:], cpu[w:], parts[w:], lengths[w:] or lengths
 
 
 def main() -> None:
@@ -267,6 +272,7 @@ def main() -> None:
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     times = {v: [] for v in variants}  # mean step time of each run
+    cpu_times = {v: [] for v in variants}
     parts = {v: [] for v in variants}  # every timed step's parts
     lengths = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,16 +280,17 @@ def main() -> None:
         for r in range(args.repeats):
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for v in order:
-                steps, step_parts, lens = run_variant(v, path, args, f"{tmp}/{v}-{r}")
+                steps, cpu, step_parts, lens = run_variant(v, path, args, f"{tmp}/{v}-{r}")
                 times[v].append(statistics.fmean(steps))
+                cpu_times[v].append(statistics.fmean(cpu))
                 parts[v] += step_parts
                 lengths[v] += lens
                 print(f"repeat {r + 1}/{args.repeats} {v}: {times[v][-1]:.3f} s/step", flush=True)
 
     base = variants[0]
 
-    def ratio(v: str) -> float:
-        return statistics.median(a / b for a, b in zip(times[v], times[base]))
+    def ratio(v: str, runs: dict) -> float:
+        return statistics.median(a / b for a, b in zip(runs[v], runs[base]))
 
     def part(v: str, name: str) -> float:
         return statistics.fmean(p.get(name, 0.0) for p in parts[v])
@@ -292,9 +299,14 @@ def main() -> None:
     for v in variants:
         step = statistics.median(times[v])
         split = [part(v, name) for name in PARTS]
-        rest = statistics.fmean(times[v]) - sum(split)
+        mean_step = statistics.fmean(times[v])
+        rest = mean_step - sum(split)
         cells = " | ".join(f"{x:.3f}" for x in (*split, rest))
-        rows.append(f"| {v} | {step:.3f} | {ratio(v):.3f} | {cells} | {statistics.fmean(lengths[v]):.1f} |")
+        share = (part(v, "dyco_trace") + part(v, "dyco_score")) / mean_step
+        rows.append(
+            f"| {v} | {step:.3f} | {ratio(v, times):.3f} | {ratio(v, cpu_times):.3f} | {100 * share:.1f}% | "
+            f"{cells} | {statistics.fmean(lengths[v]):.1f} |"
+        )
     load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
     n_steps = args.steps - args.warmup
     setting = {
@@ -314,15 +326,19 @@ def main() -> None:
             f"forward), loss dapo (TRL's default); setting: {setting}",
             f"- {args.repeats} interleaved runs per variant x {n_steps} timed steps (after {args.warmup} "
             f"warm-up); step s: median over runs of the run's mean step; vs trl: median over repeats of the "
-            f"ratio to the TRL run of the same repeat; parts: mean seconds per step.",
+            f"ratio to the TRL run of the same repeat (wall; CPU: process CPU time); DyCo share: DyCo "
+            f"tracing + scoring over the variant's step; parts: mean wall seconds per step.",
             "",
-            "| variant | step s | vs trl | generation | rewards | TRL log-probs | loss forward | DyCo tracing | "
-            "DyCo scoring | backward, optimiser, rest | completion tokens |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| variant | step s | vs trl (wall) | vs trl (CPU) | DyCo share | generation | rewards | TRL log-probs "
+            "| loss forward | DyCo tracing | DyCo scoring | backward, optimiser, rest | completion tokens |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
             "",
-            "raw mean step seconds per run: "
-            + ", ".join(f"{v} {[round(x, 3) for x in times[v]]}" for v in variants),
+            "raw mean step seconds per run (wall / CPU): "
+            + "; ".join(
+                f"{v} {[round(x, 3) for x in times[v]]} / {[round(x, 3) for x in cpu_times[v]]}"
+                for v in variants
+            ),
             "",
         ]
     )

@@ -2,6 +2,8 @@
 model, per-token advantages injected as the scorer defines them, the attention rows taken from a
 forward TRL runs anyway with the numbers of the extra forward."""
 
+import os
+
 import pytest
 import torch
 
@@ -214,3 +216,114 @@ def test_command_line_entry_point_on_a_jsonl(checkpoint, tmp_path):
     assert trainer.dyco.granularity == "sequence"
     assert "dyco/s_mean" in trainer.state.log_history[0]
     assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pad(x: torch.Tensor, width: int, value=0) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def _single_process_advantages(checkpoint, granularity: str, parts: list[dict]) -> torch.Tensor:
+    """DyCo advantages of the processes' batches together, in one process: each batch traced as it
+    was laid out (tracing is per sample), then scored and reweighted over the whole batch."""
+    from dyco_probe.models.loading import load
+    from dyco_probe.scoring import reweight_advantages, score_tokens
+    from dyco_probe.tracing import trace_offline
+
+    model = load(checkpoint[0]).model
+    model.load_state_dict(parts[0]["weights"])  # the processes hold the same weights
+    traces = []
+    for p in parts:
+        length = p["prompt_ids"].shape[1]
+        prompt = {
+            "input_ids": p["prompt_ids"],
+            "attention_mask": p["prompt_mask"],
+            "pixel_values": p["pixel_values"],
+            "image_grid_thw": p["image_grid_thw"],
+            "mm_token_type_ids": p["mm_token_type_ids"][:, :length],
+        }
+        with torch.no_grad():
+            traces.append(trace_offline(model, prompt, p["completion_ids"], eos_token_id=[2]))
+    t = max(tr.mask.shape[1] for tr in traces)
+    signals = {
+        k: torch.cat([_pad(getattr(tr, k), t) for tr in traces]) for k in ("r_vis", "r_txt", "v_vis", "v_txt")
+    }
+    mask = torch.cat([_pad(tr.mask, t, False) for tr in traces])
+    groups = torch.cat([p["dyco_group_ids"] for p in parts])
+    dyco = ScorerConfig(granularity=granularity, alpha=0.5, tau_txt=0.0)
+    scored = score_tokens(*signals.values(), mask, dyco, group_ids=groups)
+    sequence_advantages = torch.cat([p["sequence_advantages"] for p in parts])
+    return reweight_advantages(
+        sequence_advantages,
+        scored["s"],
+        scored["roles"],
+        mask,
+        granularity=granularity,
+        alpha=0.5,
+        group_ids=groups,
+    )
+
+
+def test_two_processes_under_accelerate_launch(checkpoint, tmp_path):
+    """DyCoGRPOTrainer under `accelerate launch --num_processes 2` (CPU, gloo), two steps: DyCo's
+    advantages on each process equal one process's on the same batch, sequence scores included over
+    groups split between the processes; the processes train the same weights, and they move."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs = ["token:loss", "sequence:loss", "sequence:old_logps"]
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed")
+    cmd = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+    ]
+    cmd += ["no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    cmd += [str(root / "tests" / "trl_two_processes.py"), checkpoint[0], str(tmp_path), *runs]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    initial = load_weights(checkpoint[0])
+    for run in runs:
+        granularity, setting = run.split(":")
+        ranks = [
+            torch.load(tmp_path / f"{granularity}-{setting}-rank{r}.pt", weights_only=False) for r in (0, 1)
+        ]
+        assert all(r["world_size"] == 2 for r in ranks)
+        steps = list(zip(ranks[0]["records"], ranks[1]["records"]))
+        assert len(steps) == 2 if setting == "loss" else len(steps) == 1  # old_logps: one generation
+        for parts in steps:
+            assert all(p["plan"] == setting and not p["extra_forward"] for p in parts)
+            groups = [set(p["dyco_group_ids"].tolist()) for p in parts]
+            assert groups[0] & groups[1]  # a group's completions on both processes
+            want = _single_process_advantages(checkpoint, granularity, list(parts))
+            got = torch.cat([_pad(p["advantages"], want.shape[1]) for p in parts])
+            assert (got - want).abs().max() < 1e-6
+        finals = [r["final"] for r in ranks]
+        assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # one model, trained together
+        assert any(not torch.equal(finals[0][k], initial[k]) for k in initial)  # and it trained
+        assert [r for r in ranks[0]["log"] if "loss" in r]
+
+
+def load_weights(path: str) -> dict:
+    from dyco_probe.models.loading import load
+
+    return {k: v.clone() for k, v in load(path).model.state_dict().items()}

@@ -90,8 +90,10 @@ class StepSignals:
         return self._steps
 
     def state_nbytes(self) -> int:
-        """Bytes retained: buffered rows, the last step's distributions and the outputs so far."""
-        tensors = [self._prev, *self._pending, *self._ratios, *self._dynamics, *self._image_rows]
+        """Bytes retained: buffered rows, the last step's distributions, the span-mask buffers and
+        the outputs so far."""
+        tensors = [self._prev, self._masks, self._weights, *self._pending, *self._ratios, *self._dynamics]
+        tensors += self._image_rows
         return sum(x.numel() * x.element_size() for x in tensors if x is not None)
 
     def _span_masks(self, num_keys: int) -> tuple[Tensor, Tensor]:
