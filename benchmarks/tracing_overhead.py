@@ -23,7 +23,7 @@ outputs) is also counted exactly, in bytes per sample, for several model depths 
 it is what must not grow with the number of layers.
 
 Scaling (`--scaling`): at the sizes real users run, ~256 or ~1,024 image tokens and 128 / 512 / 2,048
-generated tokens, with the hidden size shrunk so it runs on a CPU (`--scaling-hidden`, default 64,
+generated tokens, with the hidden size shrunk so it runs on a CPU (`--scaling-hidden`, default 128,
 4 layers): traced vs plain `generate` wall time (interleaved, medians), and the tracer's retained
 bytes per sample, at the end and at their peak during generation (buffered rows included), next to
 the KV cache the model itself keeps. The same lengths are traced with every layer probed at two
@@ -420,7 +420,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--append", action="store_true", help="append the results to benchmarks/RESULTS.md")
     parser.add_argument("--scaling", action="store_true", help="only the context-length scaling table")
-    parser.add_argument("--scaling-hidden", type=int, default=64)
+    parser.add_argument("--scaling-hidden", type=int, default=128)
     parser.add_argument("--scaling-layers", type=int, default=4)
     parser.add_argument("--scaling-repeats", type=int, default=3)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
