@@ -170,10 +170,8 @@ def make_checkpoint(name: str, tmp: str) -> tuple[str, str]:
     return name, name
 
 
-def run_variant(variant: str, path: str, args, out: str):
-    """Train one variant; ``(step seconds, step CPU seconds, per-step parts, completion lengths)`` of
-    the timed steps."""
-    from transformers import TrainerCallback
+def make_trainer(variant: str, path: str, args, out: str, max_steps: int):
+    """The TRL (``trl``) or DyCo trainer of ``variant`` (``token``, ``sequence``, ``*-extra``), timed."""
     from trl import GRPOConfig, GRPOTrainer
 
     from dyco_probe.integrations.trl import (
@@ -193,7 +191,7 @@ def run_variant(variant: str, path: str, args, out: str):
         num_generations=args.num_generations,
         per_device_train_batch_size=per_step,
         max_completion_length=args.max_new_tokens,
-        max_steps=args.steps,
+        max_steps=max_steps,
         learning_rate=1e-5,
         beta=0.04,
         logging_steps=1,
@@ -211,17 +209,24 @@ def run_variant(variant: str, path: str, args, out: str):
         processing_class=processor,
         reward_funcs=[as_trl_reward(accuracy_reward), as_trl_reward(format_reward)],
         args=GRPOConfig(**settings),
-        train_dataset=synthetic_dataset("train", args.steps * per_step * 2),
+        train_dataset=synthetic_dataset("train", max_steps * per_step * 2),
     )
     if variant == "trl":
-        trainer = _timed(GRPOTrainer)(**kwargs)
-    else:
-        granularity, _, extra = variant.partition("-")
-        trainer = _timed(DyCoGRPOTrainer)(
-            **kwargs,
-            dyco=ScorerConfig(granularity=granularity),
-            capture="extra_forward" if extra else "auto",
-        )
+        return _timed(GRPOTrainer)(**kwargs)
+    granularity, _, extra = variant.partition("-")
+    return _timed(DyCoGRPOTrainer)(
+        **kwargs,
+        dyco=ScorerConfig(granularity=granularity),
+        capture="extra_forward" if extra else "auto",
+    )
+
+
+def run_variant(variant: str, path: str, args, out: str):
+    """Train one variant; ``(step seconds, step CPU seconds, per-step parts, completion lengths)`` of
+    the timed steps."""
+    from transformers import TrainerCallback
+
+    trainer = make_trainer(variant, path, args, out, args.steps)
     steps: list[float] = []
     cpu: list[float] = []
     parts: list[dict] = []
@@ -249,6 +254,113 @@ def run_variant(variant: str, path: str, args, out: str):
     return steps[w:], cpu[w:], parts[w:], lengths[w:] or lengths
 
 
+def same_batch(path: str, args, out: str, granularity: str) -> dict:
+    """The DyCo pieces timed on one generated batch, interleaved ``--micro`` times: what TRL runs
+    anyway (``plain``: the loss forward and backward, or the old-log-prob pass), the same with
+    DyCo's rows read in it and scored (``captured``), and the same plus DyCo's extra forward and
+    scoring (``extra``). Median seconds of each."""
+    from trl import GRPOTrainer
+
+    from dyco_probe.integrations.trl import _Slot
+
+    trainer = make_trainer(granularity, path, args, out, max_steps=1)
+    kept = {}
+    generate = trainer._generate_and_score_completions
+
+    def keep(inputs):
+        batch = generate(inputs)
+        kept.update({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+        return batch
+
+    trainer._generate_and_score_completions = keep
+    trainer.train()
+    model = trainer.model_wrapped
+    model.train()
+    b = kept["completion_ids"].shape[0]
+    sequence_advantages = kept["advantages"] if kept["advantages"].dim() == 1 else kept["advantages"][:, 0]
+
+    def batch(dyco: bool) -> dict:
+        out = {k: v for k, v in kept.items() if dyco or k != "dyco_group_ids"}
+        return {**out, "advantages": sequence_advantages.clone()}
+
+    if args.setting == "default":  # the loss forward and backward
+
+        def plain():
+            GRPOTrainer._compute_loss(trainer, model, batch(False)).backward()
+
+        def captured():
+            trainer._compute_loss(model, batch(True)).backward()
+
+        def extra():
+            inputs = batch(True)
+            trainer._apply_dyco(inputs, trainer._trace(inputs), extra_forward=True)
+            trainer._compute_loss(model, inputs).backward()
+
+    else:  # TRL's old-log-prob pass over the generation batch
+        ids = torch.cat([kept["prompt_ids"], kept["completion_ids"]], dim=1)
+        mask = torch.cat([kept["prompt_mask"], kept["completion_mask"]], dim=1)
+        forward = {k: kept[k] for k in ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids")}
+        chunk = args.prompts_per_step * args.num_generations
+        t = kept["completion_ids"].shape[1]
+
+        def logps():
+            with torch.no_grad():
+                trainer._get_per_token_logps_and_entropies(model, ids, mask, t, batch_size=chunk, **forward)
+
+        def plain():
+            logps()
+
+        def captured():
+            slot = trainer._dyco_slot = _Slot()
+            logps()
+            trainer._apply_dyco(batch(True), slot.trace, extra_forward=False)
+
+        def extra():
+            logps()
+            inputs = batch(True)
+            trainer._apply_dyco(inputs, trainer._trace(inputs), extra_forward=True)
+
+    runs = {"plain": plain, "captured": captured, "extra": extra}
+    seconds = {k: [] for k in runs}
+    with _capture_timed():
+        for fn in runs.values():  # warm-up
+            fn()
+            model.zero_grad(set_to_none=True)
+        for _ in range(args.micro):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                seconds[name].append(time.perf_counter() - start)
+                model.zero_grad(set_to_none=True)
+    CLOCK.take()
+    return {"batch": b, **{k: statistics.median(v) for k, v in seconds.items()}, "raw": seconds}
+
+
+def _micro_lines(args, micro: dict, trl_step: float) -> list[str]:
+    if not micro:
+        return []
+    what = {
+        "default": "the loss forward and backward",
+        "old_logps": "TRL's old-log-prob pass over the generation batch",
+    }[args.setting]
+    lines = [
+        f"Same batch, interleaved ({args.micro} times, medians): {what} as TRL runs it (plain), with DyCo's "
+        "rows read in it and scored (captured), and plain plus DyCo's extra forward and scoring (extra). "
+        "The step estimate adds the difference to the median TRL step above.",
+        "",
+        "| dyco | batch | plain s | captured s | extra s | captured - plain s | extra - plain s | "
+        "step estimate captured | step estimate extra |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for g, m in micro.items():
+        dc, de = m["captured"] - m["plain"], m["extra"] - m["plain"]
+        lines.append(
+            f"| {g} | {m['batch']} | {m['plain']:.3f} | {m['captured']:.3f} | {m['extra']:.3f} | {dc:+.3f} | "
+            f"{de:+.3f} | {1 + dc / trl_step:.3f} | {1 + de / trl_step:.3f} |"
+        )
+    return [*lines, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin", help="builtin, random-45m or a checkpoint path")
@@ -263,6 +375,9 @@ def main() -> None:
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=72)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--micro", type=int, default=15, help="same-batch repeats of the DyCo pieces (0: skip)"
+    )
     parser.add_argument("--no-append", action="store_true", help="print only, do not touch RESULTS.md")
     args = parser.parse_args()
     if args.warmup is None:
@@ -286,6 +401,11 @@ def main() -> None:
                 parts[v] += step_parts
                 lengths[v] += lens
                 print(f"repeat {r + 1}/{args.repeats} {v}: {times[v][-1]:.3f} s/step", flush=True)
+        micro = {}
+        if args.micro:
+            for granularity in [v for v in ("token", "sequence") if v in variants]:
+                micro[granularity] = same_batch(path, args, f"{tmp}/micro-{granularity}", granularity)
+                print(f"same batch {granularity}: {micro[granularity]}", flush=True)
 
     base = variants[0]
 
@@ -334,6 +454,7 @@ def main() -> None:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
             "",
+            *_micro_lines(args, micro, statistics.median(times[base])),
             "raw mean step seconds per run (wall / CPU): "
             + "; ".join(
                 f"{v} {[round(x, 3) for x in times[v]]} / {[round(x, 3) for x in cpu_times[v]]}"
