@@ -333,12 +333,17 @@ def same_batch(path: str, args, out: str, granularity: str) -> dict:
                 seconds[name].append(time.perf_counter() - start)
                 model.zero_grad(set_to_none=True)
     CLOCK.take()
-    return {"batch": b, **{k: statistics.median(v) for k, v in seconds.items()}, "raw": seconds}
+    paired = {  # interleaved: each repeat's difference, then the median
+        f"{k}-plain": statistics.median(x - y for x, y in zip(seconds[k], seconds["plain"]))
+        for k in ("captured", "extra")
+    }
+    return {"batch": b, **{k: statistics.median(v) for k, v in seconds.items()}, **paired, "raw": seconds}
 
 
 def _micro_lines(args, micro: dict, trl_step: float) -> list[str]:
     if not micro:
         return []
+    per_generation = 2 if args.setting == "old_logps" else 1
     what = {
         "default": "the loss forward and backward",
         "old_logps": "TRL's old-log-prob pass over the generation batch",
@@ -346,14 +351,15 @@ def _micro_lines(args, micro: dict, trl_step: float) -> list[str]:
     lines = [
         f"Same batch, interleaved ({args.micro} times, medians): {what} as TRL runs it (plain), with DyCo's "
         "rows read in it and scored (captured), and plain plus DyCo's extra forward and scoring (extra). "
-        "The step estimate adds the difference to the median TRL step above.",
+        "Differences: the median of each repeat's difference (paired); the step estimate adds it, per "
+        f"optimiser step (the pass runs once per {per_generation} steps), to the median TRL step above.",
         "",
-        "| dyco | batch | plain s | captured s | extra s | captured - plain s | extra - plain s | "
+        "| dyco | batch | plain s | captured s | extra s | captured - plain, s per step | extra - plain, s per step | "
         "step estimate captured | step estimate extra |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for g, m in micro.items():
-        dc, de = m["captured"] - m["plain"], m["extra"] - m["plain"]
+        dc, de = m["captured-plain"] / per_generation, m["extra-plain"] / per_generation
         lines.append(
             f"| {g} | {m['batch']} | {m['plain']:.3f} | {m['captured']:.3f} | {m['extra']:.3f} | {dc:+.3f} | "
             f"{de:+.3f} | {1 + dc / trl_step:.3f} | {1 + de / trl_step:.3f} |"

@@ -211,7 +211,7 @@ class DyCoGRPOTrainer(GRPOTrainer):
         self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
     ):
         slot, self._dyco_slot = self._dyco_slot, None  # the first pass after arming only: the policy's
-        if slot is None:
+        if slot is None or self.accelerator.unwrap_model(model) is not self._policy:  # not the reference
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
