@@ -187,29 +187,30 @@ def _rows(inputs: dict, start: int, stop: int) -> dict:
 def test_offline_tracer_rides_along_a_training_forward(qwen):
     """Row chunks, train mode, gradient, backward: trace_offline's numbers, the output unchanged."""
     batch = tiny_batch(qwen, 4, images_per_prompt=1, question_lengths=[3, 7, 5, 9], seed=6)
-    config = TraceConfig(layers="all", per_layer=True, image_rows=True)
-    _, completion = trace_generate(qwen, batch, max_new_tokens=7, config=config)
-    want = trace_offline(qwen, batch, completion, config=config)
-    tracer = OfflineTracer(qwen, batch, completion, config=config)
-    with torch.no_grad():
-        plain = qwen(**tracer.inputs).logits
-    qwen.train()
-    try:
-        with tracer:
-            logits = torch.cat(
-                [qwen(**_rows(tracer.inputs, a, b)).logits for a, b in ((0, 1), (1, 3), (3, 4))]
-            )
-            logits.sum().backward()
-    finally:
-        qwen.eval()
-        qwen.zero_grad(set_to_none=True)
-    torch.testing.assert_close(logits.detach(), plain, atol=1e-5, rtol=1e-5)
-    got = tracer.trace()
-    assert torch.equal(got.mask, want.mask) and got.metadata["mode"] == "offline"
-    for k in SIGNAL_NAMES:
-        torch.testing.assert_close(getattr(got, k), getattr(want, k), atol=1e-6, rtol=0)
-        torch.testing.assert_close(got.per_layer[k], want.per_layer[k], atol=1e-6, rtol=0)
-    torch.testing.assert_close(got.image_rows, want.image_rows, atol=1e-6, rtol=0)
+    _, completion = trace_generate(qwen, batch, max_new_tokens=7)
+    for config in (TraceConfig(layers="all", per_layer=True, image_rows=True), TraceConfig(layers=(1, 3))):
+        want = trace_offline(qwen, batch, completion, config=config)
+        tracer = OfflineTracer(qwen, batch, completion, config=config)
+        with torch.no_grad():
+            plain = qwen(**tracer.inputs).logits
+        qwen.train()
+        try:
+            with tracer:
+                chunks = ((0, 1), (1, 3), (3, 4))
+                logits = torch.cat([qwen(**_rows(tracer.inputs, a, b)).logits for a, b in chunks])
+                logits.sum().backward()
+        finally:
+            qwen.eval()
+            qwen.zero_grad(set_to_none=True)
+        torch.testing.assert_close(logits.detach(), plain, atol=1e-5, rtol=1e-5)
+        got = tracer.trace()
+        assert torch.equal(got.mask, want.mask) and got.metadata["mode"] == "offline"
+        for k in SIGNAL_NAMES:
+            torch.testing.assert_close(getattr(got, k), getattr(want, k), atol=1e-6, rtol=0)
+            if config.per_layer:
+                torch.testing.assert_close(got.per_layer[k], want.per_layer[k], atol=1e-6, rtol=0)
+        if config.image_rows:
+            torch.testing.assert_close(got.image_rows, want.image_rows, atol=1e-6, rtol=0)
     with pytest.raises(RuntimeError, match="covered 0 of 4"):
         OfflineTracer(qwen, batch, completion).trace()
     with (

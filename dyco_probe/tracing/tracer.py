@@ -493,10 +493,17 @@ class OfflineTracer:
         call.request_probs(self.query_columns, functools.partial(self._on_rows, call.layer_idx))
 
     def _on_rows(self, layer: int, probs: Tensor) -> None:
-        self._rows.append(head_mean(probs, self.probe.heads))  # [b, T, K]
+        row = head_mean(probs, self.probe.heads)  # [b, T, K]
+        if self.probe.config.per_layer or not self._rows:
+            self._rows.append(row)
+        else:  # a running sum: one [b, T, K] buffer whatever the number of probed layers
+            self._rows[0] = self._rows[0] + row
         if layer != self.probe.layers[-1]:
             return
-        rows = torch.stack(self._rows, dim=1)  # [b, n_layers, T, K]
+        if self.probe.config.per_layer:
+            rows = torch.stack(self._rows, dim=1)  # [b, n_layers, T, K]
+        else:
+            rows = (self._rows[0] / len(self.probe.layers))[:, None]
         self._rows = []
         start, stop = self._done, self._done + rows.shape[0]
         if stop > self.spans.batch_size:
