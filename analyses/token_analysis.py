@@ -1,7 +1,8 @@
 """Token-level analysis of correct vs incorrect trajectories (the paper's token analyses).
 
 Generates and traces greedy completions (or reads a saved trace), labels every token (the Fisher–Rao
-rule by default, or the synthetic task's ground truth), and compares correct with incorrect
+rule by default, the synthetic task's ground truth, or the counterfactual visual dependency), and
+compares correct with incorrect
 trajectories: role fractions, distributions of the alignment score `s_t`, the normalised visual ratio
 of visual-role tokens and text ratio of text-role tokens, the role-switch rate, and how well the
 sample score tells correct from incorrect (AUROC with a bootstrap CI). Writes to ``--out``
@@ -16,6 +17,7 @@ sample score tells correct from incorrect (AUROC with a bootstrap CI). Writes to
 
     python -m analyses.token_analysis                                   # built-in model, 200 test problems
     python -m analyses.token_analysis --roles ground_truth              # the task's true roles instead
+    python -m analyses.token_analysis --roles visual_dependency         # roles from the image counterfactual
     python -m analyses.token_analysis --trace runs/demo/trace.parquet   # a saved trace
     python -m analyses.token_analysis --model /models/Qwen2.5-VL-3B-Instruct --data my.jsonl \\
         --device cuda --dtype bfloat16 --n 500 --max-new-tokens 512     # a real checkpoint on a GPU
@@ -25,24 +27,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def get_trace(args):
     """The trace to analyse (cached in ``--runs``), and the tokenizer and examples ground truth needs."""
     import dyco_probe as dp
-    from dyco_probe.models.loading import weights_sha256
+    from dyco_probe.models.loading import weights_digest
 
     if args.trace:
         return dp.Trace.load(args.trace), None, None
     examples = dp.read_jsonl(args.data)[: args.n] if args.data else dp.synthetic_examples(args.split, args.n)
     name = (
         Path(args.model).name
-        + f"-{(weights_sha256(args.model) or 'nohash')[:12]}"  # a retrained checkpoint never reuses a stale trace
+        + f"-{weights_digest(args.model, missing='nohash')}"  # a retrained checkpoint never reuses a stale trace
         + (f"-{Path(args.data).stem}" if args.data else f"-{args.split}")
         + f"-n{args.n}"
     )
@@ -75,7 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--trace", help="analyse this saved trace instead of generating one")
-    p.add_argument("--roles", default="fisher_rao", choices=["fisher_rao", "ground_truth"])
+    p.add_argument(
+        "--roles", default="fisher_rao", choices=["fisher_rao", "ground_truth", "visual_dependency"]
+    )
     p.add_argument("--out", default=str(ROOT / "figures"), help="where figures and tables go")
     p.add_argument("--runs", default=str(ROOT / "runs" / "token_analysis"), help="trace cache")
     p.add_argument("--prefix", default="token_analysis", help="file name prefix")
@@ -99,10 +101,15 @@ def main(argv=None) -> int:
     roles = None
     if args.roles == "ground_truth":
         if tokenizer is None:
-            from dyco_probe.commands.roles import load_tokenizer
+            from dyco_probe.models.loading import load_tokenizer
 
             tokenizer = load_tokenizer(trace.metadata.get("model_source") or args.model)
         roles = dp.get_labeller("ground_truth")(trace, examples=examples, tokenizer=tokenizer)
+    elif args.roles == "visual_dependency":  # runs the trace's model, real and blank image (its defaults)
+        handle = dp.load(
+            trace.metadata.get("model_source") or args.model, device=args.device, dtype=args.dtype
+        )
+        roles = dp.get_labeller("visual_dependency")(trace, examples=examples, handle=handle)
     result = analyse_tokens(trace, roles=roles, roles_name=args.roles, n_boot=args.n_boot)
 
     out = Path(args.out)
@@ -132,4 +139,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

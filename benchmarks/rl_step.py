@@ -1,4 +1,5 @@
-"""Wall time of one RL training step with DyCo (token, sequence) against the baseline (off).
+"""Wall time of one RL training step with DyCo (token, sequence) against the baseline (off), and with
+roles from the counterfactual labeller instead of the traced dynamics (``token+visual_dependency``).
 
 Every variant runs ``dyco_probe.rl.train`` on a fresh copy of the same model with the same seed and
 data, for ``--steps`` steps (the first is a warm-up and not counted), without evaluation; the
@@ -9,6 +10,8 @@ median step time relative to ``off``, and how a step splits into
 - generation (``off``: plain ``generate``, nothing traced),
 - tracing (the extra ``generate`` time of a traced variant over ``off``: online tracing runs inside
   ``generate``),
+- roles (``token+visual_dependency`` only: the labeller's teacher-forced forward of the batch with its
+  real and its counterfactual images, ``RLConfig.roles``),
 - scoring (trace to advantages: ``score_tokens`` and the reweighting; for ``off`` just the group
   advantages),
 - update (teacher-forced log-probabilities of policy and reference, loss, backward, AdamW).
@@ -18,6 +21,7 @@ apart between variants as their policies diverge, so time per generated token is
 
     python -m benchmarks.rl_step                       # built-in model if shipped, else an untrained one
     python -m benchmarks.rl_step --model untrained --repeats 5 --steps 4 --no-append
+    python -m benchmarks.rl_step --variants off token token+visual_dependency --note "shared machine"
 """
 
 from __future__ import annotations
@@ -34,10 +38,17 @@ from pathlib import Path
 
 import torch
 
+from dyco_probe.labellers import DEPENDENCY_DEFAULTS
 from dyco_probe.rl import RLConfig, train
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-VARIANTS = ("off", "token", "sequence")
+# name -> RLConfig fields
+VARIANTS = {
+    "off": {"dyco": "off"},
+    "token": {"dyco": "token"},
+    "sequence": {"dyco": "sequence"},
+    "token+visual_dependency": {"dyco": "token", "roles": "visual_dependency"},
+}
 
 
 def cpu_model() -> str:
@@ -80,6 +91,10 @@ def main() -> None:
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=72)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="`off` is always run"
+    )
+    parser.add_argument("--note", default="", help="a line about the machine for the report (e.g. shared)")
     parser.add_argument("--no-append", action="store_true", help="print only, do not touch RESULTS.md")
     args = parser.parse_args()
 
@@ -90,17 +105,19 @@ def main() -> None:
     from dyco_probe.data import synthetic_examples
 
     train_examples = synthetic_examples("train", 200)
-    steps: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    per_repeat: dict[str, list[float]] = {v: [] for v in VARIANTS}  # median step time of each run
+    variants = ["off"] + [v for v in dict.fromkeys(args.variants) if v != "off"]
+    steps: dict[str, list[dict]] = {v: [] for v in variants}
+    per_repeat: dict[str, list[float]] = {v: [] for v in variants}  # median step time of each run
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+            k = r % len(variants)
+            order = variants[k:] + variants[:k]
             for variant in order:
                 handle.model.load_state_dict(initial)
                 config = RLConfig(
                     out_dir=f"{tmp}/{variant}-{r}",
                     algo=args.algo,
-                    dyco=variant,
+                    **VARIANTS[variant],
                     steps=args.steps,
                     prompts_per_step=args.prompts_per_step,
                     num_generations=args.num_generations,
@@ -125,16 +142,18 @@ def main() -> None:
         n = args.prompts_per_step * args.num_generations
         return statistics.median(x["time_step"] / (x["completion_length"] * n) for x in steps[variant])
 
-    def ratio(variant: str) -> float:
-        """Median over repeats of the run's step time over the ``off`` run of the same repeat."""
-        return statistics.median(a / b for a, b in zip(per_repeat[variant], per_repeat["off"]))
+    def ratio(variant: str, base: str = "off") -> float:
+        """Median over repeats of the run's step time over the ``base`` run of the same repeat."""
+        return statistics.median(a / b for a, b in zip(per_repeat[variant], per_repeat[base]))
 
     base_gen = med("off", "time_generate")
     table = []
-    for v in VARIANTS:
+    for v in variants:
+        vs_token = f"{ratio(v, 'token'):.3f}" if "token" in variants else "–"
         table.append(
-            f"| {v} | {med(v, 'time_step'):.3f} | {ratio(v):.3f} | "
-            f"{base_gen:.3f} | {med(v, 'time_generate') - base_gen:+.3f} | {med(v, 'time_score') * 1e3:.1f} | "
+            f"| {v} | {med(v, 'time_step'):.3f} | {ratio(v):.3f} | {vs_token} | "
+            f"{base_gen:.3f} | {med(v, 'time_generate') - base_gen:+.3f} | {med(v, 'time_roles'):.3f} | "
+            f"{med(v, 'time_score') * 1e3:.1f} | "
             f"{med(v, 'time_update'):.3f} | {med(v, 'completion_length'):.1f} | {1e3 * per_token(v):.2f} | "
             f"{per_token(v) / per_token('off'):.3f} |"
         )
@@ -145,20 +164,23 @@ def main() -> None:
             f"## rl_step: {datetime.date.today().isoformat()}",
             "",
             f"- machine: {platform.machine()}, {os.cpu_count()} cores, {cpu_model()}; torch {torch.__version__}, "
-            f"intra-op threads {torch.get_num_threads()}; load average (1, 5, 15 min) {load}",
+            f"intra-op threads {torch.get_num_threads()}; load average (1, 5, 15 min) {load}"
+            + (f"; {args.note}" if args.note else ""),
             f"- model: {description}; {args.algo}, {args.prompts_per_step} prompts x {args.num_generations} "
             f"completions, max {args.max_new_tokens} new tokens, KL to a reference model (beta 0.04)",
             f"- {args.repeats} interleaved runs per variant x {args.steps - 1} timed steps = {n_steps} steps each; "
             "medians; step vs off: median over repeats of each run's median step time over the `off` run of "
-            "the same repeat. `off` does not trace at all, so the ratio is the full cost of DyCo.",
+            "the same repeat (likewise vs token). `off` does not trace at all, so the ratio is the full cost of "
+            "DyCo. `token+visual_dependency`: roles from the counterfactual labeller at its defaults "
+            f"({', '.join(f'{k} {v}' for k, v in DEPENDENCY_DEFAULTS.items() if k != 'mask_fraction')}).",
             "",
-            "| dyco | step s | step vs off | generation s | tracing s | scoring ms | update s | "
-            "completion tokens | ms / token | per token vs off |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| dyco | step s | step vs off | step vs token | generation s | tracing s | roles s | scoring ms | "
+            "update s | completion tokens | ms / token | per token vs off |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *table,
             "",
             "generation: plain `generate` (the `off` median); tracing: the traced variant's extra `generate` "
-            "time over it; scoring: trace to advantages.",
+            "time over it; roles: the counterfactual labeller's forward; scoring: trace to advantages.",
             "",
         ]
     )

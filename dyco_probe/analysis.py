@@ -22,7 +22,7 @@ What is measured (every mean is over trajectories, each weighing the same, with 
 - **role-switch rate**: over a trajectory's non-neutral tokens in order, the share of consecutive
   pairs whose roles differ (visual → text or text → visual); undefined with fewer than two;
 - **sample score vs correctness**: AUROC (probability that a correct trajectory scores above an
-  incorrect one, ties counting one half) of the scorer's sequence score (SPEC §6, normalised over
+  incorrect one, ties counting one half) of the scorer's sequence score (docs/method.md#advantage-reweighting, normalised over
   the whole set: a monotone function of the mean `s_t` over non-neutral tokens, so the AUROC is that
   of the mean) and of other per-trajectory features, with a stratified bootstrap 95% interval.
 """
@@ -55,7 +55,7 @@ __all__ = [
 GROUPS = ("correct", "incorrect", "all")
 # per-trajectory features whose AUROC for correctness is reported (column -> description)
 SAMPLE_FEATURES = {
-    "sample_score": "sequence score (scorer, SPEC §6)",
+    "sample_score": "sequence score (scorer)",  # docs/method.md#advantage-reweighting, sequence level
     "mean_s": "mean s_t of non-neutral tokens",
     "frac_visual": "visual-role fraction",
     "switch_rate": "role-switch rate",
@@ -103,7 +103,7 @@ def token_table(trace, correct=None, *, roles=None, config=None, scored: dict | 
     Args:
         trace: a `Trace`.
         correct: per-sample correctness (default: the samples' metadata).
-        roles: `[B, T]` roles from any labeller (default: SPEC §4 on the trace's dynamics).
+        roles: `[B, T]` roles from any labeller (default: the role rule of docs/method.md#token-roles on the trace's dynamics).
         config: a `ScorerConfig` (thresholds; default with `normalise_over="batch"`).
         scored: a `score_tokens` result to reuse.
     """
@@ -445,7 +445,7 @@ def analyse_tokens(
         trace: a `Trace` (from `dyco_probe.api.trace`, or `Trace.load`).
         correct: per-sample correctness; default: the samples' `"correct"` metadata.
         roles: `[B, T]` roles from any labeller (e.g. `get_labeller("ground_truth")(...)`); default:
-            SPEC §4 on the trace's own dynamics with `config`'s thresholds.
+            the role rule of docs/method.md#token-roles on the trace's own dynamics with `config`'s thresholds.
         roles_name: how to call the roles in the settings (default: "fisher_rao" or "given").
         config: `ScorerConfig` (default: published thresholds, sequence scores normalised over the
             whole set of trajectories).

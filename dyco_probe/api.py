@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .generation import Generation, eos_token_ids, generate, images_for
+from .completions import completion_ids_for, eos_token_ids, pad_token_id
+from .files import write_text_atomic
+from .generation import Generation, generate, images_for
 from .rewards import accuracy_reward, extract_answer, format_reward
 from .roles import ROLE_NAMES
 from .tracing import SIGNAL_NAMES, Trace, TraceConfig, Tracer, trace_offline
@@ -51,12 +53,14 @@ class TraceResult:
         generations: the `Generation` of each row (`None` for completions given to `trace_completions`
             as text or ids).
         tokenizer: the model's tokenizer (ground-truth labelling needs it).
+        handle: the `ModelHandle` that made the trace (labellers that run the model need it).
     """
 
     trace: Trace
     examples: list
     generations: list[Generation] | None = None
     tokenizer: object = field(default=None, repr=False)
+    handle: object = field(default=None, repr=False)
 
     @property
     def records(self) -> list[dict]:
@@ -71,7 +75,9 @@ class TraceResult:
         """Roles `[B, T]` from a labeller of `dyco_probe.labellers` (ground truth included)."""
         from .labellers import get_labeller
 
-        return get_labeller(labeller)(self.trace, examples=self.examples, tokenizer=self.tokenizer, **options)
+        return get_labeller(labeller)(
+            self.trace, examples=self.examples, tokenizer=self.tokenizer, handle=self.handle, **options
+        )
 
     def summary(self) -> dict:
         return summarize(self.trace)
@@ -130,8 +136,8 @@ def concat_traces(traces: Sequence[Trace]) -> Trace:
 
 
 def summarize(trace: Trace) -> dict:
-    """Short numbers of a trace: sizes, mean signals over real tokens, role fractions (SPEC §4 on the
-    trace's own dynamics, published thresholds) and, when recorded, accuracy."""
+    """Short numbers of a trace: sizes, mean signals over real tokens, role fractions (the role rule of
+    docs/method.md#token-roles on the trace's own dynamics, published thresholds) and, when recorded, accuracy."""
     m = trace.mask.bool()
     roles = trace.roles()[m]
     out = {
@@ -180,6 +186,17 @@ def _shown(examples: list, image_mode: str) -> list:
     return out
 
 
+def _check_request(handle, config: TraceConfig, backend: str | None) -> None:
+    """Fail on a bad request before any work is done or any file written: probed layers and heads
+    out of the model's range, an unknown backend."""
+    from .tracing.backends import get_backend
+
+    config.resolve_layers(handle.num_layers)
+    config.resolve_heads(handle.num_heads)
+    if backend is not None:
+        get_backend(backend)
+
+
 def _synthetic_record(example) -> dict | None:
     problem = getattr(example, "problem", None)
     if problem is None:
@@ -210,21 +227,30 @@ def _annotate(tr: Trace, rows: list, texts: list[str], extra: list[dict]) -> Non
 
 
 class _Parts:
-    """Per-batch results on disk, so that a rerun with the same arguments resumes."""
+    """Per-batch results on disk, so that a rerun with the same arguments resumes.
+
+    The manifest (what the parts depend on) is written with the first part, so a run that fails
+    before finishing a batch leaves nothing that could block a corrected rerun; a manifest without
+    any finished part is replaced. Each file is written atomically and a part's `.done` marker last:
+    a part is complete or absent.
+    """
 
     def __init__(self, directory, manifest: dict):
         self.dir = None if directory is None else Path(directory)
+        self.text = json.dumps(manifest, sort_keys=True, default=str)
+        self.ready = False
         if self.dir is None:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / "manifest.json"
-        text = json.dumps(manifest, sort_keys=True, default=str)
-        if path.exists() and path.read_text() != text:
+        if self.finished() and (path.read_text() if path.exists() else None) != self.text:
             raise ValueError(
-                f"{self.dir} holds parts of a different run (other examples or settings); "
-                "remove it or choose another directory"
+                f"{self.dir} holds {len(self.finished())} finished batch(es) of a different run (other "
+                "examples or settings); remove it (the CLI: --overwrite) or choose another output"
             )
-        path.write_text(text)
+
+    def finished(self) -> list[Path]:
+        """The `.done` markers of finished parts."""
+        return sorted(self.dir.glob("part-*.done")) if self.dir is not None and self.dir.is_dir() else []
 
     def load(self, k: int):
         if self.dir is None or not (self.dir / f"part-{k:05d}.done").exists():
@@ -239,11 +265,15 @@ class _Parts:
     def save(self, k: int, tr: Trace, gens: list[Generation] | None) -> None:
         if self.dir is None:
             return
+        if not self.ready:
+            if not self.finished():  # nothing to keep: a stale manifest of a failed run goes
+                write_text_atomic(self.dir / "manifest.json", self.text)
+            self.ready = True
         tr.save(self.dir / f"part-{k:05d}.parquet")
         if gens is not None:
             lines = [json.dumps(dataclasses.asdict(g)) for g in gens]
-            (self.dir / f"part-{k:05d}.jsonl").write_text("\n".join(lines) + "\n")
-        (self.dir / f"part-{k:05d}.done").touch()  # written last: a part is complete or absent
+            write_text_atomic(self.dir / f"part-{k:05d}.jsonl", "\n".join(lines) + "\n")
+        write_text_atomic(self.dir / f"part-{k:05d}.done", "")  # last: a part is complete or absent
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -279,7 +309,9 @@ def trace(
         examples: `dyco_probe.data.Example`s.
         config: what the tracer records (default `TraceConfig()`: last layer, all heads, Fisher–Rao).
         max_new_tokens, do_sample, temperature, top_p, num_samples, image_mode: as for
-            `dyco_probe.generation.generate` (`image_mode` `"blank"` / `"swap"` for controls).
+            `dyco_probe.generation.generate` (`image_mode` `"blank"` / `"swap"` for controls); sampling
+            is `dyco_probe.completions.sample`'s, the same as the RL loop's (no top-k cut, image
+            placeholders never generated).
         batch_size: examples per `generate` call (each yields `batch_size * num_samples` rows).
         seed: sampling seed; batch `k` is seeded with `seed + k`, so a resumed run samples the same.
         backend: `None` (default): trace online during `generate` (nothing is recomputed). A backend
@@ -295,9 +327,14 @@ def trace(
     if not examples:
         raise ValueError("trace needs at least one example")
     config = config or TraceConfig()
+    _check_request(handle, config, backend)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if num_samples > 1 and not do_sample:
+        raise ValueError("num_samples > 1 needs do_sample=True (greedy completions would be identical)")
     shown = _shown(examples, image_mode)
     gen_mode = "blank" if image_mode == "blank" else "normal"
-    eos = sorted(eos_token_ids(handle))
+    eos = sorted(eos_token_ids(handle.model, handle.tokenizer))
     settings = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -381,7 +418,8 @@ def trace(
     bar.close()
     out = concat_traces(pieces)
     out.metadata = {**out.metadata, "model_source": handle.source, "generation": settings}
-    return TraceResult(out, [ex for ex in examples for _ in range(num_samples)], all_gens, handle.tokenizer)
+    rows = [ex for ex in examples for _ in range(num_samples)]
+    return TraceResult(out, rows, all_gens, handle.tokenizer, handle)
 
 
 def _trace_ids(
@@ -402,7 +440,7 @@ def _trace_ids(
     prompts = [handle.prompt(ex.question, len(ims)) for ex, ims in zip(rows, images)]
     inputs = handle.encode(prompts, images)
     steps = max(len(x) for x in ids)
-    pad_id = handle.tokenizer.pad_token_id if handle.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(handle.model, handle.tokenizer)
     completion = torch.full((len(ids), steps), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), steps), dtype=torch.bool)
     for i, row in enumerate(ids):
@@ -459,10 +497,9 @@ def trace_completions(
     Returns:
         A `TraceResult` whose trace matches (to float tolerance) an online trace of the same tokens.
     """
-    from .batching import completion_ids_for
-
     examples, completions = list(examples), list(completions)
     config = config or TraceConfig()
+    _check_request(handle, config, backend)
     if len(completions) != len(examples):
         if completions and all(isinstance(c, Generation) for c in completions):
             by_id = {ex.id: ex for ex in examples}
@@ -486,7 +523,7 @@ def trace_completions(
     texts = [handle.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
     shown = _shown(examples, image_mode)
     mode = "blank" if image_mode == "blank" else "normal"
-    eos = sorted(eos_token_ids(handle))
+    eos = sorted(eos_token_ids(handle.model, handle.tokenizer))
     store = _Parts(
         parts,
         {
@@ -528,4 +565,4 @@ def trace_completions(
     bar.close()
     out = concat_traces(pieces)
     out.metadata = {**out.metadata, "model_source": handle.source, "image_mode": image_mode}
-    return TraceResult(out, examples, gens, handle.tokenizer)
+    return TraceResult(out, examples, gens, handle.tokenizer, handle)

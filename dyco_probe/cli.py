@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from dyco_probe.commands import quiet_libraries
+
+        quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -113,7 +113,27 @@ def write_jsonl(examples: Iterable[Example], path: str | Path, image_dir: str | 
     return path
 
 
-def _parse_line(line: str, where: str, base: Path) -> Example:
+def check_image(path, where: str = "") -> None:
+    """Raise `DataError` unless `path` is an image file PIL can read in full.
+
+    Cheap: the header is parsed and the file's structure checked (`Image.verify`: for PNG every
+    chunk and its checksum). `verify` does not read JPEG data, so JPEGs are also decoded, at 1/8
+    scale (`Image.draft`), which finds truncated files.
+    """
+    from PIL import Image
+
+    prefix = f"{where}: " if where else ""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            if im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8))) is not None:
+                im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file; all mean unreadable
+        raise DataError(f"{prefix}image file {path} is not a readable image ({type(e).__name__}: {e})") from e
+
+
+def _parse_line(line: str, where: str, base: Path, verify_images: bool = True) -> Example:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -145,6 +165,8 @@ def _parse_line(line: str, where: str, base: Path) -> Example:
         full = (base / p) if not Path(p).is_absolute() else Path(p)
         if not full.exists():
             raise DataError(f"{where}: image file {full} does not exist")
+        if verify_images:
+            check_image(full, where)
         paths.append(full)
     problem = None
     if isinstance(record.get("synthetic"), dict):
@@ -168,35 +190,49 @@ def _parse_line(line: str, where: str, base: Path) -> Example:
     )
 
 
-def read_jsonl(path: str | Path, *, skip_bad: bool = False) -> list[Example]:
-    """Read a VLM-R1 jsonl file.
+def read_jsonl(
+    path: str | Path,
+    *,
+    skip_bad: bool = False,
+    skipped: list | None = None,
+    verify_images: bool = True,
+) -> list[Example]:
+    """Read a VLM-R1 jsonl file, checking every line before any of it is used.
 
-    A bad line (bad JSON, missing image file, no ``<image>`` tag, ...) raises :class:`DataError` naming
-    the file and line; with ``skip_bad=True`` bad lines are skipped and reported in one warning
-    (the skipped lines are also available as ``read_jsonl.last_skipped``).
+    A bad line (bad JSON, missing or unreadable image file, no ``<image>`` tag, ...) raises
+    :class:`DataError` naming the file and line. With ``skip_bad=True`` bad lines are skipped: their
+    messages are appended to ``skipped`` when given (else reported in one warning) and kept in
+    ``read_jsonl.last_skipped``.
+
+    Args:
+        path: the jsonl file; image paths are relative to its folder.
+        skip_bad: skip bad lines instead of raising.
+        skipped: a list that receives one message (``file:line: problem``) per skipped line.
+        verify_images: open and check every image now (``check_image``), so that a corrupt image is
+            a bad line like any other and not a failure in the middle of a run.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    examples, skipped = [], []
+    examples, bad = [], []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                examples.append(_parse_line(line, where, path.parent))
+                examples.append(_parse_line(line, where, path.parent, verify_images))
             except DataError as e:
                 if not skip_bad:
                     raise
-                skipped.append(str(e))
-    read_jsonl.last_skipped = skipped
-    if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} bad line(s) of {path}:\n  " + "\n  ".join(skipped), stacklevel=2
-        )
+                bad.append(str(e))
+    read_jsonl.last_skipped = bad
+    if skipped is not None:
+        skipped.extend(bad)
+    elif bad:
+        warnings.warn(f"skipped {len(bad)} bad line(s) of {path}:\n  " + "\n  ".join(bad), stacklevel=2)
     if not examples:
-        raise DataError(f"{path}: no usable examples")
+        raise DataError(f"{path}: no usable examples" + (f" ({len(bad)} bad lines skipped)" if bad else ""))
     return examples
 
 

@@ -28,7 +28,7 @@ Stages, each printing what it does, the command-line equivalent, its findings an
    failure (false-note accuracy up, copies down, no-note accuracy kept)?
 7. **report**: one self-contained HTML page of it all (`dyco-probe report`).
 
-Everything lands in the run directory (layout: ``dyco_probe.report``); ``run.json`` records the
+Everything lands in the run directory (layout: ``dyco_probe.rundir``); ``run.json`` records the
 settings and each stage's time. A rerun skips finished stages and resumes interrupted ones.
 """
 
@@ -36,14 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
+import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("trace", "roles", "tokens", "control", "interventions", "rl", "report")
 
 # The defaults are sized for the built-in model on a 2-core CPU (about 10 minutes in all at most);
@@ -55,8 +52,9 @@ DEFAULTS = dict(
     n_interventions=32,
     n_control=40,
     control_samples=8,
-    rl_steps=60,
+    rl_steps=150,
     rl_eval=150,
+    rl_jobs=2,
     rl_prompts=8,
     rl_generations=8,
     rl_max_new_tokens=72,
@@ -72,6 +70,7 @@ QUICK = dict(
     control_samples=2,
     rl_steps=2,
     rl_eval=4,
+    rl_jobs=1,
     rl_prompts=2,
     rl_generations=2,
     rl_max_new_tokens=12,
@@ -84,7 +83,7 @@ class Demo:
     """The stages over one run directory, with the narrative and the record in ``run.json``."""
 
     def __init__(self, args):
-        from dyco_probe.report import RunDirectory
+        from dyco_probe.rundir import RunDirectory
 
         self.args = args
         self.run = RunDirectory(args.out)
@@ -197,7 +196,7 @@ class Demo:
             f"accuracy {s['accuracy']:.3f} on {s['samples']} problems (format {s['format_rate']:.3f}); with blank "
             f"images {controls['blank']:.3f}, with another problem's image {controls['swap']:.3f}",
             *self._subset_lines([ex.problem for ex in examples], result.records),
-            f"{s['tokens']} completion tokens; roles (SPEC §4, Fisher–Rao): visual {roles['visual']:.3f}, "
+            f"{s['tokens']} completion tokens; roles (docs/method.md#token-roles, Fisher–Rao): visual {roles['visual']:.3f}, "
             f"text {roles['text']:.3f}, neutral {roles['neutral']:.3f}",
         ]
         for wanted in (True, False):  # one correct and one incorrect trajectory, when there are
@@ -256,7 +255,8 @@ class Demo:
         return lines + [f"-> {self.run.root}/control.json, control_lookups.csv"]
 
     def roles(self) -> list[str]:
-        from dyco_probe.report import role_agreement
+        from dyco_probe.studies.labeller_validation import LabellerValidation, validate_labellers
+        from dyco_probe.studies.labellers import role_agreement
         from dyco_probe.tracing import Trace
 
         agreement = role_agreement(Trace.load(self.run.trace), self.handle.tokenizer)
@@ -278,40 +278,31 @@ class Demo:
         lines.append(f"-> {self.run.roles}")
         a = self.args
         self.say("full validation: every labeller and distance, each layer and head, a threshold sweep ...")
-        done = self._script(
-            "validate_labellers",
-            ["--n", str(a.n), "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens)]
-            + ["--completions", a.labeller_completions],
-            ["--out", str(self.run.labellers), "--runs", str(self.run.labellers / "traces")],
+        settings = LabellerValidation(
+            model=a.model,
+            n=a.n,
+            batch_size=a.batch_size,
+            max_new_tokens=a.max_new_tokens,
+            completions=a.labeller_completions,
+            out=str(self.run.labellers),
+            runs=str(self.run.labellers / "traces"),
+            progress=False,
         )
-        if done is True:
-            lines.append(f"-> {self.run.labellers}/labeller_validation.md, .csv, figures")
-        elif done:
-            lines.append(done)
+        failed = self._analysis("validate_labellers", validate_labellers, settings)
+        lines.append(failed or f"-> {self.run.labellers}/labeller_validation.md, .csv, figures")
         return lines
 
-    def _script(self, name: str, options: list[str], outputs: list[str]):
-        """Run `python -m analyses.<name>` (from the repository) with the demo's model and threads.
-
-        Returns True when it ran, False when the script is not here, and a warning line when it failed
-        (its output is kept in `<run>/<name>.log`; the demo goes on: one analysis failing should not
-        cost the others)."""
-        if not (ROOT / "analyses" / f"{name}.py").exists():
-            self.say(f"skipped: analyses/{name}.py is not here (run the demo from the repository)")
-            return False
-        cmd = [sys.executable, "-m", f"analyses.{name}", "--model", self.args.model, *options, *outputs]
-        cmd += ["--threads", str(self.args.threads)]
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode == 0:
-            return True
-        log = self.run.root / f"{name}.log"
-        log.write_text(f"$ {' '.join(cmd)}\n\n{done.stdout}\n{done.stderr}")
-        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-        return f"WARNING: analyses/{name}.py failed ({last}); its output is in {log}"
+    def _analysis(self, name: str, run, *args, **kwargs) -> str | None:
+        """Run one analysis of `dyco_probe.studies` (what `analyses/<name>.py` runs). None when it ran;
+        when it failed, a warning line (its traceback is kept in `<run>/<name>.log`; the demo goes on:
+        one analysis failing should not cost the others)."""
+        try:
+            run(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - reported, and the other stages still run
+            log = self.run.root / f"{name}.log"
+            log.write_text(traceback.format_exc())
+            return f"WARNING: analyses/{name}.py failed ({type(e).__name__}: {e}); its traceback is in {log}"
+        return None
 
     def tokens(self) -> list[str]:
         from dyco_probe.analysis import analyse_tokens
@@ -335,50 +326,71 @@ class Demo:
         return lines + [f"-> {self.run.figures}/token_analysis_*.png/.pdf"]
 
     def interventions(self) -> list[str]:
+        from dyco_probe.studies.interventions import HeadlineSettings, headline
+
         a = self.args
         folder = str(self.run.interventions)
-        done = self._script(
-            "interventions_headline",
-            ["--n", str(a.n_interventions), "--batch-size", str(min(16, a.n_interventions))],
-            ["--max-new-tokens", str(min(64, a.max_new_tokens)), "--runs", folder, "--figures", folder]
-            + ["--quiet", "--n-boot", str(a.n_boot)],
+        settings = HeadlineSettings(
+            model=a.model,
+            n=a.n_interventions,
+            batch_size=min(16, a.n_interventions),
+            max_new_tokens=min(64, a.max_new_tokens),
+            runs=folder,
+            figures=folder,
+            quiet=True,
+            n_boot=a.n_boot,
         )
-        if done is not True:
-            return [done] if done else []
+        failed = self._analysis("interventions_headline", headline, settings, say=lambda line: None)
+        if failed:
+            return [failed]
         return _headline_findings(self.run.interventions) + [f"-> {folder}/interventions_headline.md, .png"]
 
     def rl(self) -> list[str]:
-        from dyco_probe.rl import RLConfig, train
+        from dyco_probe.rl import RLConfig
 
         a = self.args
-        lines = []
+        configs = []
         for dyco in ("off", "token"):
             out = self.run.rl / f"grpo-{dyco}"
-            config = RLConfig(
-                out_dir=str(out),
-                model=a.model,
-                seed=a.seed,
-                steps=a.rl_steps,
-                n_eval=a.rl_eval,
-                eval_every=max(1, a.rl_steps // 2),
-                eval_max_new_tokens=a.max_new_tokens,
-                prompts_per_step=a.rl_prompts,
-                num_generations=a.rl_generations,
-                max_new_tokens=a.rl_max_new_tokens,
-                dyco=dyco,
-                trace_when_off=True,  # the baseline's role and s_t metrics, advantages unchanged
-                checkpoint_every=10,
-                threads=a.threads,
-                resume=(out / "checkpoint.pt").exists(),
+            configs.append(
+                RLConfig(
+                    out_dir=str(out),
+                    model=a.model,
+                    seed=a.seed,
+                    steps=a.rl_steps,
+                    n_eval=a.rl_eval,
+                    eval_every=max(1, a.rl_steps // 3),
+                    eval_max_new_tokens=a.max_new_tokens,
+                    prompts_per_step=a.rl_prompts,
+                    num_generations=a.rl_generations,
+                    max_new_tokens=a.rl_max_new_tokens,
+                    dyco=dyco,
+                    trace_when_off=True,  # the baseline's role and s_t metrics, advantages unchanged
+                    checkpoint_every=10,
+                    threads=a.threads,
+                    resume=(out / "checkpoint.pt").exists(),
+                )
             )
-            t0 = time.perf_counter()
-            self.say(f"training grpo with DyCo {dyco} ({a.rl_steps} steps) ...")
-            result = train(config, progress=not a.quiet)
-            first, last = result.initial_eval, result.final_eval
+        t0 = time.perf_counter()
+        jobs = max(1, min(a.rl_jobs, len(configs)))
+        self.say(
+            f"training grpo with DyCo off and token ({a.rl_steps} steps each, {jobs} at a time; "
+            f"progress in {self.run.rl}/grpo-*/metrics.jsonl) ..."
+        )
+        if jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                results = list(pool.map(_train, configs))
+        else:
+            results = [_train(c, progress=not a.quiet) for c in configs]
+        lines = []
+        for config, (first, last) in zip(configs, results):
             lines.append(
-                f"DyCo {dyco:5s}: held-out accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f} "
-                f"(95% CI {last['accuracy_ci_low']:.3f}-{last['accuracy_ci_high']:.3f}, n={last['n']}) "
-                f"in {time.perf_counter() - t0:.0f} s"
+                f"DyCo {config.dyco:5s}: held-out accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f} "
+                f"(95% CI {last['accuracy_ci_low']:.3f}-{last['accuracy_ci_high']:.3f}, n={last['n']})"
             )
             if "accuracy_false_note" in last:
                 lines.append(
@@ -394,7 +406,8 @@ class Demo:
                     )
                 )
         return lines + [
-            "(one seed and a short run: an illustration; analyses/rl_comparison.py runs the comparison over seeds)",
+            f"both runs in {time.perf_counter() - t0:.0f} s; one seed: an illustration. "
+            "analyses/rl_comparison.py compares over seeds (figures/rl_comparison.md)",
             f"-> {self.run.rl}/grpo-off, grpo-token",
         ]
 
@@ -408,6 +421,14 @@ class Demo:
         if missing:
             lines.append(f"not in this run: {', '.join(missing)}")
         return lines + [f"-> {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained, opens offline)"]
+
+
+def _train(config, progress: bool = False) -> tuple[dict, dict]:
+    """One RL run (in a worker process or inline): its first and last evaluations."""
+    from dyco_probe.rl import train
+
+    result = train(config, progress=progress)
+    return result.initial_eval, result.final_eval
 
 
 def _f(x) -> str:

@@ -1,11 +1,11 @@
-"""Distances between attention distributions (SPEC §3).
+"""Distances between attention distributions (docs/method.md#modality-dynamics).
 
 Every function takes distributions over the last dimension, ``[..., K]``, and returns ``[...]``.
 Entries outside a key mask are expected to be zero (``masked_distribution`` produces that), so two
 distributions over different key sets are compared on the union of their supports.
 
 Fisher–Rao is the default; the others exist for ablations. All of them return finite, non-negative
-values: a non-finite result (NaN or inf inputs) is reported as 0, as the SPEC asks for Fisher–Rao.
+values: a non-finite result (NaN or inf inputs) is reported as 0, as docs/method.md#modality-dynamics defines for Fisher–Rao.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def masked_distribution(weights: Tensor, mask: Tensor, floor: float = 1e-12) -> 
         mask: ``[..., K]`` bool, True for the keys that belong to the distribution. Broadcasts
             against ``weights``.
         floor: entries inside the mask are clamped below at this value before normalising
-            (SPEC §2), so every key of the span keeps a little mass and logs stay finite.
+            (docs/method.md#attention-signals), so every key of the span keeps a little mass and logs stay finite.
 
     Returns:
         ``[..., K]``: zero outside the mask, summing to 1 over the mask. A row whose mask is empty
@@ -59,7 +59,7 @@ def _finite_or_zero(d: Tensor) -> Tensor:
 
 
 def fisher_rao_distance(p: Tensor, q: Tensor) -> Tensor:
-    """Fisher–Rao distance ``2·arccos(BC(p, q))``, ``BC = clamp(Σ_k sqrt(p_k q_k), 0, 1)`` (SPEC §3).
+    """Fisher–Rao distance ``2·arccos(BC(p, q))``, ``BC = clamp(Σ_k sqrt(p_k q_k), 0, 1)`` (docs/method.md#modality-dynamics).
 
     Range ``[0, π]``; ``π`` for disjoint supports; non-finite results are 0.
 
@@ -138,7 +138,7 @@ def modality_dynamics(
     cur_txt_restricted: Tensor,
     distance: str = "fisher_rao",
 ) -> tuple[Tensor, Tensor]:
-    """``v_vis(t)`` and ``v_txt(t)`` of SPEC §3 from within-modality distributions.
+    """``v_vis(t)`` and ``v_txt(t)`` of docs/method.md#modality-dynamics from within-modality distributions.
 
     Args:
         prev_vis, cur_vis: ``p_vis(t-1)``, ``p_vis(t)``, ``[..., K_img]``.

@@ -78,7 +78,7 @@ def evaluate(
         {
             "id": ex.id,
             "answer": ex.answer,
-            "predicted": extract_answer(g.completion),
+            "prediction": extract_answer(g.completion),
             "correct": bool(a),
             "format": bool(f),
             "completion": g.completion,

@@ -1,4 +1,5 @@
-"""Batched generation with left padding, and the image modes used as controls (blank, swapped)."""
+"""Batched generation of examples with left padding (``dyco_probe.completions.sample``), and the image
+modes used as controls (blank, swapped)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from dyco_probe.completions import sample
 
 IMAGE_MODES = ("normal", "blank", "swap")
 
@@ -61,26 +64,6 @@ def images_for(examples: Sequence, mode: str = "normal") -> list[list]:
     return out
 
 
-def split_completion(
-    sequence: torch.Tensor, prompt_len: int, pad_id: int, eos_ids: set[int]
-) -> tuple[list[int], bool]:
-    """Generated ids of one row of ``generate``'s output: up to and including the first EOS."""
-    ids = sequence[prompt_len:].tolist()
-    for k, tok in enumerate(ids):
-        if tok in eos_ids:
-            return ids[: k + 1], False
-    while ids and ids[-1] == pad_id:
-        ids.pop()
-    return ids, True
-
-
-def eos_token_ids(handle) -> set[int]:
-    eos = handle.model.generation_config.eos_token_id
-    if eos is None:
-        eos = handle.tokenizer.eos_token_id
-    return set(eos if isinstance(eos, (list, tuple)) else [eos])
-
-
 def generate(
     handle,
     examples: Sequence,
@@ -89,6 +72,7 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     num_samples: int = 1,
     batch_size: int = 32,
     image_mode: str = "normal",
@@ -100,10 +84,13 @@ def generate(
 
     Args:
         handle: a :class:`~dyco_probe.models.loading.ModelHandle`.
+        do_sample, temperature, top_p, top_k: greedy, or sampled (``top_k`` 0: the full
+            distribution); the sampler is ``dyco_probe.completions.sample`` (image placeholders are
+            never generated).
         num_samples: completions per example (sampled: set ``do_sample``).
         image_mode: ``normal``, ``blank`` or ``swap`` (see :func:`images_for`).
-        wrap: optional ``wrap(batch_inputs, run) -> result`` around each batch's ``generate`` call;
-            tracing uses it to observe the call.
+        wrap: optional ``wrap(batch_inputs, run) -> sequences`` around each batch's ``generate``
+            call; tracing uses it to observe the call.
 
     Returns one :class:`Generation` per example and sample, in example order.
     """
@@ -116,33 +103,26 @@ def generate(
     images = images_for(examples, image_mode)
     prompts = [handle.prompt(ex.question, len(ims)) for ex, ims in zip(examples, images)]
     tok = handle.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    eos = eos_token_ids(handle)
     out: list[Generation] = []
     bar = tqdm(total=len(examples) * num_samples, desc="generate", unit="completion", disable=not progress)
     for start in range(0, len(examples), batch_size):
         sl = slice(start, start + batch_size)
         batch = handle.encode(prompts[sl], images[sl])
-        gen_kwargs = dict(
+        sampled = sample(
+            handle.model,
+            batch,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
             num_return_sequences=num_samples,
-            pad_token_id=pad_id,
+            tokenizer=tok,
+            wrap=wrap,
         )
-        if do_sample:
-            gen_kwargs.update(temperature=temperature, top_p=top_p)
-        else:
-            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-
-        def run(batch=batch, gen_kwargs=gen_kwargs):
-            with torch.no_grad():
-                return handle.model.generate(**batch, **gen_kwargs)
-
-        sequences = wrap(batch, run) if wrap is not None else run()
-        prompt_len = batch["input_ids"].shape[1]
-        for row in range(sequences.shape[0]):
+        for row in range(sampled.ids.shape[0]):
             i = start + row // num_samples
-            ids, truncated = split_completion(sequences[row], prompt_len, pad_id, eos)
+            ids = sampled.row(row)
             mask = batch["attention_mask"][row // num_samples].bool()
             prompt_ids = batch["input_ids"][row // num_samples][mask].tolist()
             out.append(
@@ -152,10 +132,10 @@ def generate(
                     completion=tok.decode(ids, skip_special_tokens=True).strip(),
                     prompt_ids=prompt_ids,
                     completion_ids=ids,
-                    truncated=truncated,
+                    truncated=bool(sampled.truncated[row]),
                     sample_index=row % num_samples,
                 )
             )
-        bar.update(sequences.shape[0])
+        bar.update(sampled.ids.shape[0])
     bar.close()
     return out

@@ -2,12 +2,13 @@
 
     from dyco_probe.labellers import get_labeller, compare_roles
 
-    roles = get_labeller("fisher_rao")(trace)                                  # SPEC §4, the default
+    roles = get_labeller("fisher_rao")(trace)                                  # docs/method.md#token-roles, the default
     truth = get_labeller("ground_truth")(trace, examples=examples, tokenizer=tok)
     compare_roles(roles, truth, trace.mask)                                    # precision / recall / F1
 
-Every labeller is called as `labeller(trace, *, examples=None, tokenizer=None, **options)` and returns a
-`[B, T]` long tensor of `dyco_probe.roles.Role` codes (masked tokens neutral):
+Every labeller is called as `labeller(trace, *, examples=None, tokenizer=None, handle=None, **options)`
+and returns a `[B, T]` long tensor of `dyco_probe.roles.Role` codes (masked tokens neutral); `handle` (a
+`ModelHandle`) is read only by the labellers that run the model:
 
 - `fisher_rao`: the paper's rule, `label_roles` on the trace's `v_vis`, `v_txt` (options `tau_vis`,
   `tau_txt`).
@@ -23,6 +24,11 @@ Every labeller is called as `labeller(trace, *, examples=None, tokenizer=None, *
   a role), neutral in between. The first token is labelled too (its ratio exists).
 - `ground_truth`: the synthetic task's roles (`dyco_probe.task.alignment`), for traces of synthetic
   examples; the problems come from `examples` or, for a saved trace, from the samples' `synthetic` record.
+- `visual_dependency`: counterfactual, without attention: how much each token's next-token distribution
+  changes when the image is taken away (VPPO, PAPO; `dyco_probe.counterfactual`). Visual where the
+  score is above `visual_above`, text below `text_below`, neutral between. Runs the model (`handle`) on
+  the trace's tokens, teacher-forced, with the real and a counterfactual image (`counterfactual`:
+  `blank`, `patches`, `swap`; `divergence`: `kl`, `k3`); the examples come as for `ground_truth`.
 
 Validation helpers: `compare_roles` (per-role precision, recall, F1 against a reference) and
 `attention_peak_share` (do visual tokens' image attention peak on the relevant image token?).
@@ -31,27 +37,34 @@ Validation helpers: `compare_roles` (per-role precision, recall, F1 against a re
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from .dependency import check_thresholds, dependency_roles
 from .distances import DISTANCES
-from .roles import ROLE_NAMES, Role, label_roles
+from .roles import ROLE_NAMES, TAU_TXT, TAU_VIS, Role, label_roles
 
 __all__ = [
+    "DEPENDENCY_DEFAULTS",
     "LABELLERS",
     "attention_peak_share",
+    "check_options",
     "compare_roles",
     "dynamics_rule",
+    "examples_for",
     "fisher_rao",
     "get_labeller",
     "ground_truth",
     "ground_truth_alignments",
+    "parse_options",
     "problems_for",
     "ratio_threshold",
     "relevant_image_tokens",
     "trace_distance",
+    "visual_dependency",
 ]
 
 
@@ -64,12 +77,13 @@ def dynamics_rule(
     trace,
     distance: str = "fisher_rao",
     *,
-    tau_vis: float = 0.0,
-    tau_txt: float = 0.05,
+    tau_vis: float = TAU_VIS,
+    tau_txt: float = TAU_TXT,
     examples=None,
     tokenizer=None,
+    handle=None,
 ) -> Tensor:
-    """SPEC §4 on the trace's dynamics, which must have been measured with `distance`."""
+    """docs/method.md#token-roles on the trace's dynamics, which must have been measured with `distance`."""
     have = trace_distance(trace)
     if have != distance:
         raise ValueError(
@@ -81,14 +95,20 @@ def dynamics_rule(
 
 
 def fisher_rao(
-    trace, *, tau_vis: float = 0.0, tau_txt: float = 0.05, examples=None, tokenizer=None
+    trace, *, tau_vis: float = TAU_VIS, tau_txt: float = TAU_TXT, examples=None, tokenizer=None, handle=None
 ) -> Tensor:
-    """The paper's rule (SPEC §4) with Fisher–Rao dynamics and the published thresholds."""
+    """The paper's rule (docs/method.md#token-roles) with Fisher–Rao dynamics and the published thresholds."""
     return dynamics_rule(trace, "fisher_rao", tau_vis=tau_vis, tau_txt=tau_txt)
 
 
 def ratio_threshold(
-    trace, *, theta: float = 0.5, theta_txt: float | None = None, examples=None, tokenizer=None
+    trace,
+    *,
+    theta: float = 0.5,
+    theta_txt: float | None = None,
+    examples=None,
+    tokenizer=None,
+    handle=None,
 ) -> Tensor:
     """Naive baseline: visual where `r̃_vis > theta`, text where `r̃_vis < theta_txt` (default `theta`)."""
     low = theta if theta_txt is None else theta_txt
@@ -102,8 +122,8 @@ def ratio_threshold(
 # -- ground truth ------------------------------------------------------------------------------------
 
 
-def problems_for(trace, examples: Sequence | None = None) -> list:
-    """The synthetic `Problem` of every row of `trace`.
+def examples_for(trace, examples: Sequence | None = None) -> list:
+    """The `Example` of every row of `trace`.
 
     From `examples` (matched by the samples' `example_id` / `sample_id`, else by position when there
     are as many examples as rows), or, without examples, rebuilt from the samples' `synthetic` record
@@ -111,6 +131,7 @@ def problems_for(trace, examples: Sequence | None = None) -> list:
     """
     samples = trace.samples or [{} for _ in range(trace.batch_size)]
     if examples is None:
+        from .data import example_from_problem
         from .task.problems import TaskConfig, generate_problem
 
         out = []
@@ -118,24 +139,29 @@ def problems_for(trace, examples: Sequence | None = None) -> list:
             syn = s.get("synthetic")
             if not syn:
                 raise ValueError(
-                    f"sample {i} has no 'synthetic' record: pass the examples (ground truth needs the "
-                    "synthetic task's problems)"
+                    f"sample {i} has no 'synthetic' record: pass the examples (its problem and images are "
+                    "not in the trace)"
                 )
-            out.append(
-                generate_problem(int(syn["seed"]), TaskConfig.from_dict(syn["config"]), s.get("example_id"))
+            problem = generate_problem(
+                int(syn["seed"]), TaskConfig.from_dict(syn["config"]), s.get("example_id")
             )
+            out.append(example_from_problem(problem))
         return out
     examples = list(examples)
     by_id = {str(ex.id): ex for ex in examples}
     ids = [str(s.get("example_id", s.get("sample_id"))) for s in samples]
     if samples and all(i in by_id for i in ids):
-        chosen = [by_id[i] for i in ids]
-    elif len(examples) == trace.batch_size:
-        chosen = examples
-    else:
-        raise ValueError(
-            f"cannot match {len(examples)} examples to the trace's {trace.batch_size} samples (ids differ)"
-        )
+        return [by_id[i] for i in ids]
+    if len(examples) == trace.batch_size:
+        return examples
+    raise ValueError(
+        f"cannot match {len(examples)} examples to the trace's {trace.batch_size} samples (ids differ)"
+    )
+
+
+def problems_for(trace, examples: Sequence | None = None) -> list:
+    """The synthetic `Problem` of every row of `trace` (rows matched to examples as `examples_for`)."""
+    chosen = examples_for(trace, examples)
     missing = [ex.id for ex in chosen if ex.problem is None]
     if missing:
         raise ValueError(
@@ -158,7 +184,7 @@ def ground_truth_alignments(trace, examples=None, *, tokenizer, subwords: str = 
     return out
 
 
-def ground_truth(trace, *, examples=None, tokenizer=None, subwords: str = "all") -> Tensor:
+def ground_truth(trace, *, examples=None, tokenizer=None, handle=None, subwords: str = "all") -> Tensor:
     """Ground-truth roles of the synthetic task, aligned to the trace's tokens."""
     roles = torch.zeros(trace.token_ids.shape, dtype=torch.long)
     for i, aligned in enumerate(
@@ -191,6 +217,66 @@ def relevant_image_tokens(trace, alignments: Sequence, token_grid: tuple[int, in
 def _grid_of(trace, i: int) -> int:
     syn = (trace.samples[i] if trace.samples else {}).get("synthetic") or {}
     return int(syn.get("config", {}).get("grid", 4))
+
+
+# -- visual dependency (counterfactual) -----------------------------------------------------------------
+
+# Chosen on the built-in model's greedy completions of 300 `val` examples, validated on `test`
+# (docs/visual_dependency.md, `python -m analyses.validate_labellers --only dependency`).
+DEPENDENCY_DEFAULTS = {
+    "counterfactual": "blank",
+    "divergence": "kl",
+    "visual_above": 0.1,
+    "text_below": 0.05,
+    "mask_fraction": 0.5,
+}
+
+
+def visual_dependency(
+    trace,
+    *,
+    handle=None,
+    examples=None,
+    tokenizer=None,
+    visual_above: float = DEPENDENCY_DEFAULTS["visual_above"],
+    text_below: float = DEPENDENCY_DEFAULTS["text_below"],
+    counterfactual: str = DEPENDENCY_DEFAULTS["counterfactual"],
+    divergence: str = DEPENDENCY_DEFAULTS["divergence"],
+    mask_fraction: float = DEPENDENCY_DEFAULTS["mask_fraction"],
+    patch_size: int | None = None,
+    seed: int = 0,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+) -> Tensor:
+    """Counterfactual roles: visual where the token's visual dependency is above `visual_above`, text
+    where it is below `text_below` (nats), neutral between.
+
+    The score (`dyco_probe.counterfactual.visual_dependency_scores`) is the divergence between the
+    next-token distributions with the real image and with a counterfactual one, from a teacher-forced
+    forward of both on the trace's tokens: one forward of `2 × batch_size` rows per batch. Needs the
+    model (`handle`) and the examples (as for `ground_truth`: given, or rebuilt from a synthetic
+    trace's records). Thresholds in the wrong order and unknown options are refused before any forward.
+    """
+    from .counterfactual import check_counterfactual, visual_dependency_scores
+
+    check_thresholds(visual_above, text_below)
+    check_counterfactual(counterfactual, divergence, mask_fraction, patch_size)
+    if handle is None:
+        raise ValueError("visual_dependency runs the model: pass handle= (a dyco_probe ModelHandle)")
+    score = visual_dependency_scores(
+        handle,
+        examples_for(trace, examples),
+        trace.token_ids,
+        trace.mask,
+        counterfactual=counterfactual,
+        divergence=divergence,
+        mask_fraction=mask_fraction,
+        patch_size=patch_size,
+        seed=seed,
+        temperature=temperature,
+        batch_size=batch_size,
+    )
+    return dependency_roles(score, trace.mask, visual_above, text_below)
 
 
 # -- validation ---------------------------------------------------------------------------------------
@@ -283,9 +369,7 @@ Labeller = Callable[..., Tensor]
 def _distance_labeller(distance: str) -> Labeller:
     fn = functools.partial(dynamics_rule, distance=distance)
     fn.__name__ = distance
-    fn.__doc__ = (
-        f"SPEC §4 with {distance} dynamics (needs a trace made with TraceConfig(distance={distance!r}))."
-    )
+    fn.__doc__ = f"docs/method.md#token-roles with {distance} dynamics (needs a trace made with TraceConfig(distance={distance!r}))."
     return fn
 
 
@@ -294,6 +378,7 @@ LABELLERS: dict[str, Labeller] = {
     **{d: _distance_labeller(d) for d in DISTANCES if d != "fisher_rao"},
     "ratio_threshold": ratio_threshold,
     "ground_truth": ground_truth,
+    "visual_dependency": visual_dependency,
 }
 
 
@@ -303,3 +388,39 @@ def get_labeller(name: str) -> Labeller:
         return LABELLERS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown labeller {name!r}; valid: {', '.join(LABELLERS)}") from None
+
+
+def check_options(name: str, options: dict) -> None:
+    """Raise `ValueError`, before any work, for an unknown labeller, options it does not take, and (for
+    `visual_dependency`) thresholds in the wrong order or an unknown counterfactual or divergence."""
+    from .counterfactual import check_counterfactual
+
+    params = set(inspect.signature(get_labeller(name)).parameters) - {
+        "trace",
+        "examples",
+        "tokenizer",
+        "handle",
+    }
+    unknown = sorted(set(options) - params)
+    if unknown:
+        raise ValueError(f"labeller {name!r} takes no option(s) {unknown}; its options: {sorted(params)}")
+    if name == "visual_dependency":
+        o = {**DEPENDENCY_DEFAULTS, **options}
+        check_thresholds(float(o["visual_above"]), float(o["text_below"]))
+        check_counterfactual(
+            o["counterfactual"], o["divergence"], float(o["mask_fraction"]), o.get("patch_size")
+        )
+
+
+def parse_options(text: str) -> dict[str, float | str]:
+    """Labeller options from the command line, ``name=value,...``: numbers as floats, the rest as text."""
+    out: dict[str, float | str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"expected name=value, got {part!r}")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            out[name.strip()] = value.strip()
+    return out

@@ -1,4 +1,4 @@
-"""Policy-gradient losses of the minimal training loop (SPEC §7).
+"""Policy-gradient losses of the minimal training loop (docs/method.md#policy-losses).
 
 All losses take right-padded ``[B, T]`` per-token log-probabilities of the sampled completion tokens
 under the current policy (``logp``, with grad) and the sampling policy (``old_logp``), the advantages
@@ -20,7 +20,7 @@ LOSSES = ("grpo", "dr_grpo", "dapo", "gspo", "sapo")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss hyperparameters (SPEC §7).
+    """Loss hyperparameters (docs/method.md#policy-losses).
 
     eps: GRPO / Dr. GRPO clip range, ``clip(ρ, 1 − eps, 1 + eps)``.
     beta: KL coefficient of every loss but DAPO; the KL term needs ``ref_logp``.

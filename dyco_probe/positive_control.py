@@ -41,6 +41,7 @@ SIGNALS = {
     "named_share": ("share of image attention on the named object's cell", 1),
     "peak_on_named": ("image attention peaks on the named object's cell", 1),
     "on_note": ("attention on the note's value (lower = read)", -1),
+    "visual_dependency": ("visual dependency (KL of next-token distributions, real vs blank image)", 1),
 }
 
 
@@ -75,9 +76,20 @@ def copy_vs_read(
     table["prompt"] = table["sample"] // samples
     table["ratio_visual"] = (table["r_vis_norm"] > 0.5).astype(float)
     table["fr_visual"] = (table["fr_role"] == "visual").astype(float)
-    table["peak_on_named"] = table["peak_on_named"].astype(float)
+    if "peak_on_named" in table:
+        table["peak_on_named"] = table["peak_on_named"].astype(float)
     correct = {i: bool(r["correct"]) for i, r in enumerate(res.records)}
     table["trajectory_correct"] = table["sample"].map(correct)
+    if len(table):
+        import torch
+
+        from dyco_probe.counterfactual import visual_dependency_scores
+
+        dependency = visual_dependency_scores(
+            handle, res.examples, trace.token_ids, trace.mask, batch_size=batch_size
+        )
+        rows, cols = (torch.tensor(table[c].to_numpy(dtype="int64")) for c in ("sample", "t"))
+        table["visual_dependency"] = dependency[rows, cols].numpy()
     return table, res
 
 
@@ -130,6 +142,7 @@ INTERVENTIONS = {
     # name -> (key span, where, description)
     "note@value": ("note", "value", "note knocked out at the noted look-up's value token"),
     "note@decision": ("note", "decision", "note knocked out at the token that decides the look-up's form"),
+    "note@rest": ("note", "rest", "note knocked out at every completion token from the decision on"),
     "image@value": ("image", "value", "image knocked out at the noted look-up's value token"),
 }
 
@@ -140,8 +153,9 @@ def note_interventions(handle, problems, *, max_new_tokens: int = 96, batch_size
 
     Every noted problem is taken twice as a fixed trajectory: its gold chain (the look-up read from the
     image) and the chain that copies the note (``KEY note VALUE``, the rest following from it). Per
-    trajectory and intervention (``INTERVENTIONS``), at the noted look-up's value token or at the
-    token that decides its form (the value itself for a read look-up, ``note`` for a copied one):
+    trajectory and intervention (``INTERVENTIONS``), at the noted look-up's value token, at the token
+    that decides its form (the value itself for a read look-up, ``note`` for a copied one), or at every
+    completion token from that decision on (``dlogp_target`` then averages over them):
     ``dlogp_target`` (change of the intervened token's log-probability, teacher-forced), and,
     regenerating from that token, ``correct_base`` / ``correct_int`` (answer correct without / with
     the intervention) and ``dacc``. Returns a DataFrame, one row per trajectory and intervention.
@@ -175,31 +189,41 @@ def note_interventions(handle, problems, *, max_new_tokens: int = 96, batch_size
             max_new_tokens=max_new_tokens,
         )
         ids = traj.prompt_inputs["input_ids"].cpu()
+        width = ids.shape[1]
         where = {}
         for j, (_, p, form, _) in enumerate(chunk):
             n = int(traj.completion_mask[j].sum())
             aligned = align_roles(handle.tokenizer, traj.completion_ids[j, :n].tolist(), p)
             value = next(t for t, note in enumerate(aligned.note) if note)
             at = (ids[j] == note_id).nonzero().flatten()
+            # the note's distance from the prompt's end: the same in any batch (prompts are left-padded)
             where[j] = {
                 "value": value,
                 "decision": value if form == "read" else value - 1,
-                "note": int(at[0]),
+                "from_end": width - int(at[0]),
             }
         for name, (keys, at, _) in INTERVENTIONS.items():
             groups: dict[int, list[int]] = {}
             for j in where:
-                groups.setdefault(where[j]["note"] if keys == "note" else -1, []).append(j)
-            for col, members in groups.items():
+                groups.setdefault(where[j]["from_end"] if keys == "note" else 0, []).append(j)
+            for from_end, members in groups.items():
+                sub = traj.select(members)  # prompts re-encoded: columns from this batch's width
+                col = sub.prompt_inputs["input_ids"].shape[1] - from_end
+                if keys == "note" and not bool(
+                    (sub.prompt_inputs["input_ids"][:, col].cpu() == note_id).all()
+                ):
+                    raise RuntimeError(f"the note's columns do not line up in a batch of {sub.indices}")
                 spec = (
                     Intervention.knockout("positions", key_columns=(col, col + 1, col + 2))
                     if keys == "note"
                     else Intervention.knockout("image")
                 )
-                sub = traj.select(members)
                 selection = torch.zeros(sub.completion_ids.shape, dtype=torch.bool)
                 for r, j in enumerate(members):
-                    selection[r, where[j][at]] = True
+                    if at == "rest":
+                        selection[r, where[j]["decision"] :] = True
+                    else:
+                        selection[r, where[j][at]] = True
                 tf = sub.teacher_forced(spec, selection)
                 fr = sub.free_running(spec, selection)
                 for r, j in enumerate(members):
@@ -210,7 +234,7 @@ def note_interventions(handle, problems, *, max_new_tokens: int = 96, batch_size
                             "note": "true" if p.note.true else "false",
                             "form": form,
                             "intervention": name,
-                            "t": where[j][at],
+                            "t": where[j]["decision" if at == "rest" else at],
                             "dlogp_target": tf["dlogp_target"][r],
                             "correct_ref": fr["correct_ref"][r],
                             "correct_base": fr["correct_base"][r],

@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -63,6 +61,14 @@ from dyco_probe.task.problems import (
     generate_problem,
     split_seed,
     teacher_chain,
+)
+from dyco_probe.training import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_model,
+    seed_everything,
+    set_rng_state,
 )
 
 
@@ -95,7 +101,7 @@ class PretrainConfig:
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
     # phase 2: language model
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 100
@@ -224,11 +230,11 @@ def language_batch(
 ) -> LanguageBatch:
     """Teacher-forced batch of ``chains`` (default: the gold chains) with next-token targets,
     per-token loss weights over the completion and the hints' attention targets."""
-    from dyco_probe.batching import completion_ids_for, model_inputs, teacher_forced_batch
+    from dyco_probe.completions import completion_ids_for, model_inputs, packed_batch
 
     chains = [p.chain for p in problems] if chains is None else chains
     comp = completion_ids_for(handle, [" ".join(w.text for w in c) for c in chains])
-    batch = teacher_forced_batch(
+    batch = packed_batch(
         handle, [prompt_for(handle, p) for p in problems], [[p.render()] for p in problems], comp
     )
     ids = batch["input_ids"]
@@ -322,7 +328,10 @@ def hint_loss(config: PretrainConfig, probs: dict, hints: dict) -> torch.Tensor:
     if config.table_hint_head is not None:
         terms.append((last, "table", config.table_hint_head, False))
     if config.note_hint_head is not None:
-        terms += [(last, "note_copy", config.note_hint_head, False), (last, "note_read", config.note_hint_head, True)]
+        terms += [
+            (last, "note_copy", config.note_hint_head, False),
+            (last, "note_read", config.note_hint_head, True),
+        ]
     if config.decision_hint_head is not None:
         layer = probs[hinted_layers(config)[0]]
         terms += [
@@ -357,42 +366,6 @@ def cell_targets(problems, task: TaskConfig) -> tuple[torch.Tensor, torch.Tensor
     return torch.tensor(shapes), torch.tensor(colours)
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict:
-    import numpy as np
-
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise RuntimeError(
-            f"corrupt checkpoint {path}: {type(e).__name__}: {e}; delete it to start over"
-        ) from e
-
-
 # ---------------------------------------------------------------- evaluation
 
 
@@ -423,7 +396,9 @@ def lookup_report(handle, problems) -> dict:
     finally:
         model.train(was_training)
     n = max(len(lookups), 1)
-    notes = note_summary(problems, [r["completion"] for r in result.records], [r["correct"] for r in result.records])
+    notes = note_summary(
+        problems, [r["completion"] for r in result.records], [r["correct"] for r in result.records]
+    )
     return {
         "lookup_accuracy": hits / n,
         "attention_peak_rate": peaks / n,
@@ -464,8 +439,7 @@ def pretrain(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     phase, step, history = "vision", 0, []
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
+    seed_everything(config.seed)
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
         if state["config"] != config.to_dict():
@@ -478,11 +452,10 @@ def pretrain(
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         phase, step, history = state["phase"], state["step"], state["history"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def checkpoint():
         save_checkpoint(
-            ckpt_path,
             {
                 "config": config.to_dict(),
                 "model": model.state_dict(),
@@ -493,8 +466,9 @@ def pretrain(
                 "phase": phase,
                 "step": step,
                 "history": history,
-                "rng": _rng_state(),
+                "rng": rng_state(),
             },
+            ckpt_path,
         )
 
     t0 = time.perf_counter()
@@ -578,11 +552,6 @@ def pretrain(
     bar.close()
 
     model.eval()
-    final_dir = out / "model"
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    model.save_pretrained(final_dir)
-    processor.save_pretrained(final_dir)
     recipe = {
         "command": "dyco-probe " + " ".join(sys.argv[1:]) if sys.argv and "dyco" in sys.argv[0] else None,
         "config": config.to_dict(),
@@ -590,5 +559,5 @@ def pretrain(
         "train_seconds_this_session": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
     }
-    (final_dir / "recipe.json").write_text(json.dumps(recipe, indent=1))
+    final_dir = save_model(model, processor, out / "model", {"recipe.json": json.dumps(recipe, indent=1)})
     return {"out": str(final_dir), "steps": step, "history": history[-3:]}

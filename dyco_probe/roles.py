@@ -1,4 +1,4 @@
-"""Token roles from modality dynamics (SPEC §4)."""
+"""Token roles from modality dynamics (docs/method.md#token-roles)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ import enum
 import torch
 from torch import Tensor
 
-__all__ = ["ROLE_NAMES", "Role", "label_roles"]
+__all__ = ["PUBLISHED_TAU", "ROLE_NAMES", "TAU_TXT", "TAU_VIS", "Role", "label_roles", "tau_label"]
+
+# The published code's asymmetric role thresholds (docs/method.md#token-roles): every default that
+# labels roles from the dynamics reads them here.
+TAU_VIS = 0.0
+TAU_TXT = 0.05
+PUBLISHED_TAU = (TAU_VIS, TAU_TXT)
+
+
+def tau_label(tau_vis: float = TAU_VIS, tau_txt: float = TAU_TXT) -> str:
+    """How tables name a threshold pair, e.g. ``tau 0 / 0.05``."""
+    return f"tau {tau_vis:g} / {tau_txt:g}"
 
 
 class Role(enum.IntEnum):
@@ -25,8 +36,8 @@ def label_roles(
     v_vis: Tensor,
     v_txt: Tensor,
     mask: Tensor,
-    tau_vis: float = 0.0,
-    tau_txt: float = 0.05,
+    tau_vis: float = TAU_VIS,
+    tau_txt: float = TAU_TXT,
 ) -> Tensor:
     """Label each completion token visual, text or neutral from ``Δ = v_vis − v_txt``.
 
@@ -36,7 +47,7 @@ def label_roles(
     The defaults are the published code's asymmetric thresholds.
 
     Args:
-        v_vis, v_txt: ``[B, T]`` dynamics (SPEC §3); their values at ``t = 0`` are ignored.
+        v_vis, v_txt: ``[B, T]`` dynamics (docs/method.md#modality-dynamics); their values at ``t = 0`` are ignored.
         mask: ``[B, T]`` bool, True for real completion tokens (right-padded).
         tau_vis, tau_txt: thresholds; the visual and text regions must not overlap
             (``tau_vis >= −tau_txt``).

@@ -1,4 +1,5 @@
-"""The scorer: alignment scores ``s_t``, token weights, sequence scores and DyCo advantages (SPEC §2, §5, §6).
+"""The scorer: alignment scores ``s_t``, token weights, sequence scores and DyCo advantages
+(docs/method.md: #attention-signals, #alignment-score, #advantage-reweighting).
 
 This is the only place ``s_t`` is computed; analyses and the RL loop both call it. Everything is over
 right-padded ``[B, T]`` completion tensors with a bool ``mask`` (True = real token, ``t = 0`` is
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dyco_probe.roles import Role, label_roles
+from dyco_probe.roles import TAU_TXT, TAU_VIS, Role, label_roles
 
 __all__ = [
     "GRANULARITIES",
@@ -42,12 +43,12 @@ _ADV_EPS = 1e-4  # group advantages: (R - mean) / (std + 1e-4)
 
 @dataclass(frozen=True)
 class ScorerConfig:
-    """Scoring knobs, defaults from SPEC §4 and §6.
+    """Scoring knobs, defaults from docs/method.md#token-roles and #advantage-reweighting.
 
     granularity: ``"token"`` (paper: ``(1 + α w_t) Â``), ``"sequence"`` (published code:
         ``clamp(1 + α score_i) Â``) or ``"off"`` (plain ``Â``).
     alpha: reweighting strength α.
-    tau_vis, tau_txt: role thresholds (SPEC §4).
+    tau_vis, tau_txt: role thresholds (docs/method.md#token-roles).
     normalise_over: set over which sequence scores are z-scored: ``"group"`` (the completions of one
         prompt) or ``"batch"`` (what the published code did per device).
     min_length: completions with fewer unmasked tokens get sequence score −1 (published: 60 for 3B,
@@ -58,15 +59,15 @@ class ScorerConfig:
 
     granularity: str = "token"
     alpha: float = 0.2
-    tau_vis: float = 0.0
-    tau_txt: float = 0.05
+    tau_vis: float = TAU_VIS
+    tau_txt: float = TAU_TXT
     normalise_over: str = "group"
     min_length: int = 0
     clamp: tuple[float, float] = (0.8, 1.2)
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("DyCo granularity", self.granularity, GRANULARITIES)
         _check_choice("normalise_over", self.normalise_over, NORMALISE_OVER)
         if self.clamp[0] > self.clamp[1]:
             raise ValueError(f"clamp bounds reversed: {self.clamp}")
@@ -78,7 +79,7 @@ def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 def normalised_ratios(r_vis: Tensor, r_txt: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
-    """``r̃_vis = r_vis / (r_vis + r_txt)`` and ``r̃_txt`` likewise (SPEC §2).
+    """``r̃_vis = r_vis / (r_vis + r_txt)`` and ``r̃_txt`` likewise (docs/method.md#attention-signals).
 
     The denominator is clamped below at ``eps`` (as in the published code), so the pair sums to 1
     wherever there is attention on either modality and is ``(0, 0)`` where there is none.
@@ -93,7 +94,7 @@ def normalised_ratios(r_vis: Tensor, r_txt: Tensor, eps: float = 1e-8) -> tuple[
 
 
 def alignment_scores(r_vis_n: Tensor, r_txt_n: Tensor, roles: Tensor, mask: Tensor) -> Tensor:
-    """``s_t = r̃_vis·[visual] + r̃_txt·[text]`` (SPEC §5); 0 for neutral, masked and non-finite entries.
+    """``s_t = r̃_vis·[visual] + r̃_txt·[text]`` (docs/method.md#alignment-score); 0 for neutral, masked and non-finite entries.
 
     Args:
         r_vis_n, r_txt_n: ``[B, T]`` normalised ratios (``normalised_ratios``).
@@ -109,7 +110,7 @@ def alignment_scores(r_vis_n: Tensor, r_txt_n: Tensor, roles: Tensor, mask: Tens
 
 
 def token_weights(s: Tensor, mask: Tensor) -> Tensor:
-    """Token weights ``w_t = |o| · exp(s_t) / Σ_k exp(s_k)`` over each completion's unmasked tokens (SPEC §6).
+    """Token weights ``w_t = |o| · exp(s_t) / Σ_k exp(s_k)`` over each completion's unmasked tokens (docs/method.md#advantage-reweighting).
 
     Every token counts in the softmax, neutral ones with ``s_t = 0``. Each row sums to its number of
     unmasked tokens; masked positions are 0 and a row with no tokens is all zeros. The row maximum is
@@ -163,7 +164,7 @@ def sequence_scores(
     normalise_over: str = "group",
     min_length: int = 0,
 ) -> Tensor:
-    """Sequence-level scores in ``[-1, 1]`` (SPEC §6, published code).
+    """Sequence-level scores in ``[-1, 1]`` (docs/method.md#advantage-reweighting, published code).
 
     1. ``score_i = sigmoid(mean of s_t over unmasked non-neutral tokens)``, 0.5 if there are none;
     2. ``score_i ← tanh((score_i − mean) / std)`` over the normalisation set (unbiased std), 0 for the
@@ -198,7 +199,7 @@ def sequence_scores(
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor | None) -> Tensor:
-    """GRPO advantages ``Â_i = (R_i − mean_g R) / (std_g R + 1e-4)`` within each group (SPEC §6).
+    """GRPO advantages ``Â_i = (R_i − mean_g R) / (std_g R + 1e-4)`` within each group (docs/method.md#advantage-reweighting).
 
     ``std`` is the unbiased (n − 1) standard deviation. A group of a single sample has no spread: its
     std is taken as 0 (torch would give NaN), so its advantage is 0.
@@ -229,7 +230,7 @@ def reweight_advantages(
     min_length: int = 0,
     clamp: tuple[float, float] = (0.8, 1.2),
 ) -> Tensor:
-    """Token-level DyCo advantages ``Ã`` ``[B, T]`` for every granularity (SPEC §6).
+    """Token-level DyCo advantages ``Ã`` ``[B, T]`` for every granularity (docs/method.md#advantage-reweighting).
 
     - ``"token"``: ``(1 + α·w_t)·Â_i`` with ``w_t = token_weights(s, mask)``;
     - ``"sequence"``: ``clamp(1 + α·score_i, *clamp)·Â_i`` with ``score_i = sequence_scores(...)``,
@@ -246,16 +247,24 @@ def reweight_advantages(
     """
     _check_choice("granularity", granularity, GRANULARITIES)
     mask = mask.to(torch.bool)
-    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
-    if granularity == "token":
-        factor = 1.0 + alpha * token_weights(s, mask)
-    elif granularity == "sequence":
+    weights = token_weights(s, mask) if granularity == "token" else None
+    score = None
+    if granularity == "sequence":
         score = sequence_scores(
             s, roles, mask, group_ids, normalise_over=normalise_over, min_length=min_length
         )
+    return _reweighted(advantages, mask, granularity, alpha, clamp, weights, score, like=s)
+
+
+def _reweighted(advantages, mask, granularity, alpha, clamp, weights, score, like: Tensor) -> Tensor:
+    """``reweight_advantages`` from the token weights (``"token"``) or sequence scores (``"sequence"``)."""
+    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
+    if granularity == "token":
+        factor = 1.0 + alpha * weights
+    elif granularity == "sequence":
         factor = (1.0 + alpha * score).clamp(clamp[0], clamp[1]).unsqueeze(-1)
     else:
-        factor = torch.ones((), dtype=s.dtype, device=s.device)
+        factor = torch.ones((), dtype=like.dtype, device=like.device)
     out = (factor * adv).expand(mask.shape)
     return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
@@ -274,8 +283,8 @@ def score_tokens(
     """Run the scorer on trace tensors: roles, normalised ratios, ``s_t``, ``w_t`` and sequence scores.
 
     Args:
-        r_vis, r_txt: ``[B, T]`` attention ratios (SPEC §2).
-        v_vis, v_txt: ``[B, T]`` dynamics (SPEC §3); may be ``None`` when ``roles`` is given.
+        r_vis, r_txt: ``[B, T]`` attention ratios (docs/method.md#attention-signals).
+        v_vis, v_txt: ``[B, T]`` dynamics (docs/method.md#modality-dynamics); may be ``None`` when ``roles`` is given.
         mask: ``[B, T]`` bool.
         config: scoring knobs; ``ScorerConfig()`` if omitted.
         roles: ``[B, T]`` roles to use instead of labelling them from the dynamics (ablations,
@@ -319,18 +328,19 @@ def dyco_advantages(
 ) -> Tensor:
     """From rewards and a ``score_tokens`` result to the ``[B, T]`` advantages a policy loss takes.
 
-    ``group_advantages`` followed by ``reweight_advantages`` with the knobs of ``config``.
+    ``group_advantages`` reweighted as ``reweight_advantages`` does, with the token weights and
+    sequence scores ``score_tokens`` already computed (so ``scored`` must come from the same
+    ``group_ids`` and ``config``).
     """
     config = config or ScorerConfig()
-    return reweight_advantages(
+    _check_choice("granularity", config.granularity, GRANULARITIES)
+    return _reweighted(
         group_advantages(rewards, group_ids),
-        scored["s"],
-        scored["roles"],
-        mask,
-        granularity=config.granularity,
-        alpha=config.alpha,
-        group_ids=group_ids,
-        normalise_over=config.normalise_over,
-        min_length=config.min_length,
-        clamp=config.clamp,
+        mask.to(torch.bool),
+        config.granularity,
+        config.alpha,
+        config.clamp,
+        scored["w"],
+        scored["sequence_score"],
+        like=scored["s"],
     )

@@ -1,4 +1,4 @@
-"""Image and text spans of each sample of a batch (SPEC §1).
+"""Image and text spans of each sample of a batch (docs/method.md#sequences-and-spans).
 
 Positions are columns of the padded batch: `prompt ++ completion`, prompts left- or right-padded to a
 common length `L`, completion columns `L, L+1, ...` (as `generate` lays them out). Everything is
@@ -18,6 +18,7 @@ query of `o_t` (column `L-1+t-1`), `X(q) = X_t` and `X(q-1) = X_{t-1}`.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -37,13 +38,17 @@ class Spans:
         image: `[B, L]` bool, image placeholder columns.
         valid: `[B, L]` bool, non-padding columns.
         last_image: `[B]` long, column of each sample's last image token (-1 without image).
-        num_images: `[B]` long, images per sample (0 where unknown, i.e. no grid / count given).
+        num_images: `[B]` long, images per sample.
+        image_layout: per sample, one `(tokens, rows, cols)` per image in prompt order: its number of
+            placeholder tokens and the grid they form (`rows`, `cols` None where the inputs do not
+            say; `viz.infer_token_grid` then guesses one).
     """
 
     image: Tensor
     valid: Tensor
     last_image: Tensor
     num_images: Tensor
+    image_layout: tuple = ()
 
     @property
     def batch_size(self) -> int:
@@ -93,6 +98,7 @@ class Spans:
         position = self.valid.long().cumsum(-1) - 1  # unpadded position of each column
         for i in range(self.batch_size):
             cols = self.image[i].nonzero().flatten()
+            layout = self.image_layout[i] if i < len(self.image_layout) else ()
             out.append(
                 {
                     "prompt_length": int(self.valid[i].sum()),
@@ -100,6 +106,8 @@ class Spans:
                     "num_image_tokens": int(cols.numel()),
                     "first_image_token": int(position[i, cols[0]]) if cols.numel() else -1,
                     "last_image_token": int(position[i, cols[-1]]) if cols.numel() else -1,
+                    "image_token_counts": [n for n, _, _ in layout],
+                    "image_grids": [None if r is None else [r, c] for _, r, c in layout],
                 }
             )
         return out
@@ -123,10 +131,17 @@ def find_spans(
     merge_size: int = 2,
     tokens_per_image: int | None = None,
     num_pixel_rows: int | None = None,
+    position_ids: Tensor | None = None,
     on_missing_image: str = "error",
     not_image: Tensor | None = None,
 ) -> Spans:
     """Find the spans of a prompt batch and check them against the images.
+
+    Each sample's images are told apart by `image_grid_thw` (Qwen-VL), else by `tokens_per_image`
+    (LLaVA), else as the contiguous runs of placeholder tokens (Qwen-VL's prompts put
+    `<|vision_end|><|vision_start|>` between two images); a run's grid comes from the grid, from
+    3-D rotary `position_ids` (Qwen-VL's height and width rows, as `generate` passes them), or is
+    left unknown.
 
     Args:
         input_ids: `[B, L]` prompt ids (padded).
@@ -137,6 +152,8 @@ def find_spans(
         merge_size: Qwen-VL spatial merge size (2).
         tokens_per_image: LLaVA-style fixed number of tokens per image (checks divisibility).
         num_pixel_rows: Qwen-VL: `pixel_values.shape[0]`, checked against the grids (`t*h*w` patches each).
+        position_ids: `[3 or 4, B, L]` multimodal rotary positions (the last two rows are an image
+            token's row and column), used for the grids when `image_grid_thw` is not given.
         on_missing_image: a sample without image tokens raises (`"error"`) or warns and gets an empty
             image span, hence `r_vis = 0` (`"warn"`).
         not_image: `[B, L]` bool, placeholder columns that hold no vision feature (LLaVA-OneVision's
@@ -169,9 +186,8 @@ def find_spans(
             raise ValueError(msg + "; pass on_missing_image='warn' to trace them with r_vis = 0")
         warnings.warn(msg + "; their r_vis is 0 and v_vis is 0", stacklevel=2)
 
-    num_images = torch.zeros_like(counts)
     if image_grid_thw is not None:
-        num_images = _assign_grids(counts, image_grid_thw, merge_size, num_pixel_rows)
+        layout = _assign_grids(counts, image_grid_thw, merge_size, num_pixel_rows)
     elif tokens_per_image:
         bad = (counts % tokens_per_image != 0).nonzero().flatten().tolist()
         if bad:
@@ -179,22 +195,59 @@ def find_spans(
                 f"sample {bad[0]} has {int(counts[bad[0]])} image tokens, not a multiple of the "
                 f"{tokens_per_image} tokens per image"
             )
-        num_images = counts // tokens_per_image
-    return Spans(image=image, valid=valid, last_image=last_image, num_images=num_images)
+        side = math.isqrt(tokens_per_image)
+        grid = (side, side) if side * side == tokens_per_image else (None, None)
+        layout = [[(tokens_per_image, *grid)] * (int(c) // tokens_per_image) for c in counts]
+    else:
+        layout = [_runs_layout(image[i], position_ids, i) for i in range(image.shape[0])]
+    num_images = torch.tensor([len(x) for x in layout], dtype=torch.long, device=counts.device)
+    return Spans(
+        image=image,
+        valid=valid,
+        last_image=last_image,
+        num_images=num_images,
+        image_layout=tuple(tuple(x) for x in layout),
+    )
 
 
-def _assign_grids(counts: Tensor, grids: Tensor, merge_size: int, num_pixel_rows: int | None) -> Tensor:
-    """Walk the grids in order, giving each sample the images that make up its token count."""
+def _runs_layout(image_row: Tensor, position_ids: Tensor | None, i: int) -> list[tuple]:
+    """`(tokens, rows, cols)` of each contiguous run of image columns of one sample; the grid from
+    3-D rotary positions when given and consistent, else unknown."""
+    cols = image_row.nonzero().flatten()
+    if cols.numel() == 0:
+        return []
+    breaks = (cols[1:] - cols[:-1] != 1).nonzero().flatten() + 1
+    runs = torch.tensor_split(cols, breaks.cpu())
+    rope = position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] in (3, 4)
+    out = []
+    for run in runs:
+        rows = width = None
+        if rope:
+            at = run.to(position_ids.device)
+            h = int(position_ids[-2, i, at].unique().numel())
+            w = int(position_ids[-1, i, at].unique().numel())
+            if h * w == run.numel():
+                rows, width = h, w
+        out.append((int(run.numel()), rows, width))
+    return out
+
+
+def _assign_grids(counts: Tensor, grids: Tensor, merge_size: int, num_pixel_rows: int | None) -> list:
+    """Walk the grids in order, giving each sample the images that make up its token count;
+    returns each sample's `(tokens, rows, cols)` per image."""
     grids = grids.reshape(-1, 3).long().cpu()
     tokens = (grids.prod(-1) // merge_size**2).tolist()
     patches = grids.prod(-1).tolist()
-    num_images, k, rows = [], 0, 0
+    layout, k, rows = [], 0, 0
     for i, need in enumerate(counts.tolist()):
-        got, n = 0, 0
+        got, mine = 0, []
         while got < need and k < len(tokens):
             got += tokens[k]
             rows += patches[k]
-            k, n = k + 1, n + 1
+            t, h, w = grids[k].tolist()
+            grid = (h // merge_size, w // merge_size) if t == 1 else (None, None)
+            mine.append((tokens[k], *grid))
+            k += 1
         if got != need:
             raise ValueError(
                 f"sample {i} has {need} image tokens but its image grid(s) give {got} "
@@ -205,7 +258,7 @@ def _assign_grids(counts: Tensor, grids: Tensor, merge_size: int, num_pixel_rows
                 f"sample {i}: image_grid_thw needs {rows} pixel patches up to this sample but pixel_values "
                 f"has {num_pixel_rows} rows (the grid does not match the pixels)"
             )
-        num_images.append(n)
+        layout.append(mine)
     if k != len(tokens):
         raise ValueError(f"image_grid_thw has {len(tokens)} images but the prompts use only {k}")
     if num_pixel_rows is not None and rows != num_pixel_rows:
@@ -213,7 +266,7 @@ def _assign_grids(counts: Tensor, grids: Tensor, merge_size: int, num_pixel_rows
             f"image_grid_thw describes {rows} pixel patches but pixel_values has {num_pixel_rows} rows "
             "(the grid does not match the pixels)"
         )
-    return torch.tensor(num_images, dtype=torch.long, device=counts.device)
+    return layout
 
 
 def image_token_id_of(model) -> int:
@@ -272,6 +325,7 @@ def spans_for_model(
         image_token_id=image_token_id,
         on_missing_image=on_missing_image,
         not_image=_not_image(model, inputs, image_token_id),
+        position_ids=inputs.get("position_ids"),
         **kwargs,
     )
     counts = inputs.get("batch_num_images")  # LLaVA-OneVision: images per prompt

@@ -29,7 +29,8 @@ def test_rollout_signals_match_the_offline_trace(checkpoint):
     """Grouped sampling (`num_return_sequences`) expands the images and DeepStack features; the online
     trace of the rollout equals a teacher-forced trace of the same completions."""
     from dyco_probe.models.loading import load
-    from dyco_probe.rl import _prompts_and_images, sample_rollout
+    from dyco_probe.rl import sample_rollout
+    from dyco_probe.rollout import prompts_and_images as _prompts_and_images
     from dyco_probe.tracing import trace_offline
 
     handle = load(checkpoint)

@@ -74,7 +74,7 @@ def text_rows(inputs):
     return inputs["attention_mask"].bool() & (inputs["input_ids"] != TINY_TOKENS.image)
 
 
-# -- the sanity property of SPEC §8 ---------------------------------------------------------------
+# -- the sanity property of docs/method.md#interventions ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("factory", [tiny_qwen2_5_vl, tiny_llava], ids=["qwen2.5-vl", "llava"])
@@ -470,3 +470,60 @@ def test_summaries_and_comparisons_by_condition():
     )
     assert cmp["layers"].tolist() == ["0", "all"] and np.allclose(cmp["diff"], -1.0)
     assert (cmp["p_t"] == 0.0).all() and (cmp["n"] == 30).all()  # constant paired difference
+
+
+def test_positions_keys_follow_the_prompt_when_a_batch_is_re_padded(handle, monkeypatch):
+    """Free-running regeneration re-pads prompt ++ prefix per sample: a `positions` knockout must hit
+    the prompt tokens it names in every row, whatever the row's prefix length."""
+    from dyco_probe.data import synthetic_examples
+    from dyco_probe.interventions.readouts import regenerate
+    from dyco_probe.interventions.spec import KeyLayout
+
+    layout = KeyLayout.build(
+        torch.zeros(2, 6, dtype=torch.bool), torch.ones(2, 6, dtype=torch.bool), 6, [0, 2]
+    )
+    mask = layout.key_mask("positions", torch.tensor([7]), 9, key_columns=(1, 3))
+    assert mask[0, 0].nonzero().flatten().tolist() == [1, 3] and mask[1, 0].nonzero().flatten().tolist() == [
+        3,
+        5,
+    ]
+
+    traj = prepare_trajectories(handle, synthetic_examples("test", 3), trajectory="gold", max_new_tokens=40)
+    prompt = traj.prompt_inputs["input_ids"].cpu()
+    width = prompt.shape[1]
+    columns = (width - 4, width - 3, 5)  # near the end, and inside the left padding's reach
+    prefix = torch.tensor([2, 5, 9])
+    selection = torch.zeros(traj.completion_ids.shape, dtype=torch.bool)
+    for i, k in enumerate(prefix.tolist()):
+        selection[i, k:] = True
+
+    seen = {}
+    real_key_mask = KeyLayout.key_mask
+
+    def spy(self, keys, query_columns, num_keys, *args, **kwargs):
+        out = real_key_mask(self, keys, query_columns, num_keys, *args, **kwargs)
+        seen.setdefault("mask", out.expand(-1, len(query_columns), -1)[:, 0].cpu())
+        return out
+
+    def prefill(module, args, kwargs):
+        seen.setdefault("ids", kwargs["input_ids"].cpu())  # the prefill: prompt ++ prefix, re-padded
+
+    monkeypatch.setattr(KeyLayout, "key_mask", spy)
+    hook = handle.model.register_forward_pre_hook(prefill, with_kwargs=True)
+    try:
+        regenerate(
+            handle.model,
+            traj.prompt_inputs,
+            traj.completion_ids,
+            prefix,
+            max_new_tokens=40,
+            spec=Intervention.knockout("positions", key_columns=columns),
+            selection=selection,
+        )
+    finally:
+        hook.remove()
+    ids, mask = seen["ids"], seen["mask"]
+    for i in range(3):
+        hit = mask[i].nonzero().flatten()
+        assert len(hit) == 3
+        assert ids[i, hit].tolist() == prompt[i, sorted(columns)].tolist(), i

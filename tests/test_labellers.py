@@ -51,6 +51,7 @@ def test_registry():
         "symmetric_kl",
         "ratio_threshold",
         "ground_truth",
+        "visual_dependency",
     }
     assert get_labeller("fisher_rao") is LABELLERS["fisher_rao"]
     with pytest.raises(ValueError, match="valid: fisher_rao"):

@@ -82,3 +82,27 @@ def test_image_tags():
     assert [c["type"] for c in msgs[0]["content"]] == ["image", "image", "text"]
     with pytest.raises(ValueError, match="2 <image> tags but 1 images"):
         adapter.messages("<image> <image> q", n_images=1)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_generation_never_emits_image_placeholders(checkpoints, family):
+    """A loaded checkpoint forgets the suppressed ids a model was built with; sampled completions must
+    still never hold an image placeholder, which the teacher-forced forward would read as an image."""
+    from dyco_probe.completions import placeholder_ids
+    from dyco_probe.generation import generate
+
+    handle = load(checkpoints[family])
+    assert handle.image_token_id in placeholder_ids(handle.model)
+    with torch.no_grad():  # make the placeholder the likeliest token everywhere
+        handle.model.lm_head.weight[handle.image_token_id] = handle.model.lm_head.weight.abs().max() * 50
+    gens = generate(
+        handle,
+        synthetic_examples("test", 2),
+        max_new_tokens=6,
+        do_sample=True,
+        num_samples=2,
+        seed=0,
+        progress=False,
+    )
+    ids = [t for g in gens for t in g.completion_ids]
+    assert ids and handle.image_token_id not in ids

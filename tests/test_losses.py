@@ -113,7 +113,7 @@ def test_sapo_worked_example(example):
 
 
 def test_sapo_gate_at_ratio_one():
-    # SPEC literally: g = sigmoid(0) * 4 / tau = 2 / tau, so the loss is -2 A / tau ...
+    # docs/method.md#policy-losses literally: g = sigmoid(0) * 4 / tau = 2 / tau, so the loss is -2 A / tau ...
     zeros = torch.zeros(2, 1, requires_grad=True)
     mask = torch.ones(2, 1, dtype=torch.bool)
     adv = torch.tensor([3.0, -3.0])

@@ -13,7 +13,6 @@ from dyco_probe.task.problems import (
     NO_NOTES,
     NOTE,
     TaskConfig,
-    generate_problem,
     label_words,
     make_split,
     teacher_chain,
@@ -147,3 +146,32 @@ def test_clustered_auroc_interval_is_wider_than_the_token_one():
     clustered = auroc_ci(scores, labels, n_boot=300, clusters=clusters)
     assert clustered["auroc"] == plain["auroc"] and clustered["n_clusters"] == 20
     assert clustered["ci_high"] - clustered["ci_low"] > plain["ci_high"] - plain["ci_low"]
+
+
+def test_note_interventions_read_and_copied_chains(mini):
+    from dyco_probe.positive_control import INTERVENTIONS, note_interventions, summarise_interventions
+
+    problems = noted(2)
+    frame = note_interventions(mini, problems, max_new_tokens=8, progress=False)
+    assert len(frame) == 2 * len(problems) * len(INTERVENTIONS)
+    assert set(frame["form"]) == {"read", "copied"}
+    decision = frame[frame["intervention"] == "note@decision"].set_index(["problem", "form"])["t"]
+    value = frame[frame["intervention"] == "note@value"].set_index(["problem", "form"])["t"]
+    for p in problems:  # a read look-up decides at its value; a copied one at `note`, just before
+        assert decision[p.id, "read"] == value[p.id, "read"]
+        assert decision[p.id, "copied"] == value[p.id, "copied"] - 1
+    assert frame["dlogp_target"].notna().all()
+    summary = summarise_interventions(frame, n_boot=50)
+    assert {(r["intervention"], r["form"]) for r in summary} >= {
+        ("image@value", "read"),
+        ("note@value", "copied"),
+    }
+
+
+def test_copy_vs_read_detection_on_an_untrained_model(mini):
+    from dyco_probe.positive_control import copy_vs_read, detection
+
+    table, res = copy_vs_read(mini, noted(2), samples=2, progress=False)
+    assert len(res.trace) == 4
+    det = detection(table, n_boot=20)  # an untrained model writes no look-ups: nothing to tell apart
+    assert all(v["auroc"] != v["auroc"] for v in det.values())

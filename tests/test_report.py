@@ -15,14 +15,9 @@ from test_analysis import make_trace  # noqa: E402
 from test_viz import with_image_rows  # noqa: E402
 
 from dyco_probe.cli import main  # noqa: E402
-from dyco_probe.report import (  # noqa: E402
-    RunDirectory,
-    build_report,
-    labeller_table,
-    markdown_html,
-    read_rl_run,
-    report_status,
-)
+from dyco_probe.report import build_report, markdown_html, report_status  # noqa: E402
+from dyco_probe.rundir import RunDirectory, read_rl_run  # noqa: E402
+from dyco_probe.studies.labellers import labeller_table  # noqa: E402
 
 torch.set_num_threads(1)
 SECTIONS = [
@@ -256,3 +251,14 @@ def test_demo_quick_on_a_tiny_checkpoint(tmp_path, capsys):
     assert again.count("already done in an earlier run") == len(STAGES) - 1
     with pytest.raises(SystemExit, match="other settings"):
         demo_main([*argv, "--n", "9"])
+
+
+def test_render_report_writes_nothing_but_the_page(full_run, tmp_path):
+    from dyco_probe.report import render_report
+
+    def files():
+        return {p: p.stat().st_mtime_ns for p in full_run.root.rglob("*") if p.is_file()}
+
+    before = files()
+    out = render_report(full_run.root, out=tmp_path / "page.html", timelines=1)
+    assert out.exists() and files() == before

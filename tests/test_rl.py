@@ -25,6 +25,7 @@ from dyco_probe.rl import (
     Signals,
     advantages_from_trace,
     compute_rewards,
+    rollout_roles,
     sample_rollout,
     train,
 )
@@ -124,6 +125,10 @@ def without_timing(rows):
         ({"grad_accum": 9, "prompts_per_step": 2, "num_generations": 4}, "grad_accum"),
         ({"temperature": 0.0}, "temperature"),
         ({"reward_weights": {}}, "reward_weights"),
+        ({"roles": "attention"}, "unknown labeller 'attention'"),
+        ({"roles": "visual_dependency", "role_options": {"text_below": 9.0}}, "wrong order"),
+        ({"roles": "visual_dependency", "role_options": {"tau_vis": 0.1}}, "takes no option"),
+        ({"role_options": {"counterfactual": "blank"}}, "role_options are for other labellers"),
     ],
 )
 def test_bad_config_is_rejected_when_built(kw, message):
@@ -236,6 +241,65 @@ def test_rollout_without_tracing_and_cat_select(handle, examples):
     assert both.mask.shape[1] == max(a.mask.shape[1], b.mask.shape[1])
     sub = both.select(torch.tensor([False, False, True, True, False, False]))
     assert sub.texts == a.texts[2:] and torch.equal(sub.mask, a.mask[2:, : sub.mask.shape[1]])
+
+
+DEPENDENCY = {"counterfactual": "swap", "divergence": "k3", "visual_above": 1e-3, "text_below": 1e-4}
+
+
+def test_rollout_roles_from_any_labeller(handle, examples):
+    from dyco_probe.counterfactual import visual_dependency_scores
+    from dyco_probe.dependency import dependency_roles
+
+    torch.manual_seed(0)
+    ro = sample_rollout(handle, examples[0][:2], 3, max_new_tokens=10)
+    roles = rollout_roles(handle, ro, "visual_dependency", DEPENDENCY)
+    score = visual_dependency_scores(
+        handle, ro.examples, ro.completion_ids, ro.mask, counterfactual="swap", divergence="k3"
+    )
+    assert torch.equal(roles, dependency_roles(score, ro.mask, 1e-3, 1e-4))
+    truth = rollout_roles(handle, ro, "ground_truth")  # the synthetic task's roles: an oracle
+    assert truth.shape == ro.mask.shape and (truth[~ro.mask] == 0).all()
+    fr = rollout_roles(handle, ro, "fisher_rao", {"tau_txt": 0.0})
+    want = score_tokens(
+        ro.signals.r_vis,
+        ro.signals.r_txt,
+        ro.signals.v_vis,
+        ro.signals.v_txt,
+        ro.mask,
+        ScorerConfig(tau_txt=0.0),
+    )["roles"]
+    assert torch.equal(fr, want)
+    with pytest.raises(ValueError, match="traced signals"):
+        rollout_roles(handle, dataclasses.replace(ro, signals=None), "visual_dependency")
+
+
+def test_labellers_of_distributions_get_the_sampling_temperature():
+    assert RLConfig(roles="visual_dependency", temperature=0.7).labeller_options() == {"temperature": 0.7}
+    config = RLConfig(roles="visual_dependency", temperature=0.7, role_options={"temperature": 1.0})
+    assert config.labeller_options() == {"temperature": 1.0}
+    assert RLConfig(roles="ground_truth", temperature=0.7).labeller_options() == {}
+
+
+def test_training_with_visual_dependency_roles(handle, examples, tmp_path, monkeypatch):
+    import dyco_probe.rl as rl
+
+    seen = []
+    original = rl.advantages_from_trace
+
+    def spy(signals, rewards, group_ids, mask, scorer, roles=None):
+        adv, scored = original(signals, rewards, group_ids, mask, scorer, roles=roles)
+        seen.append((roles, scored, mask))
+        return adv, scored
+
+    monkeypatch.setattr(rl, "advantages_from_trace", spy)
+    config = tiny_config(tmp_path, roles="visual_dependency", role_options=DEPENDENCY, n_eval=0)
+    run(handle, config, examples)
+    assert len(seen) == 2
+    for roles, scored, mask in seen:
+        assert roles is not None and torch.equal(scored["roles"][mask], roles[mask])
+    rows = records(tmp_path / "run")
+    assert all(r["time_roles"] > 0 and "role_visual" in r for r in rows)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["role_options"] == DEPENDENCY
 
 
 # -- training ----------------------------------------------------------------------------------------
@@ -484,6 +548,24 @@ def test_cli_trains_and_reports_json(base, tmp_path, capsys):
     assert main(["train", "--num-generations", "1", "--json"]) == 2
     out = capsys.readouterr().out
     assert "num_generations (G) must be >= 2" in out
+
+
+def test_cli_role_options():
+    import argparse
+
+    from dyco_probe.commands.train import add_config_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(
+        ["--roles", "visual_dependency", "--role-options", "counterfactual=patches,mask_fraction=0.25"]
+    )
+    config = config_from_args(args)
+    assert config.roles == "visual_dependency"
+    assert config.role_options == {"counterfactual": "patches", "mask_fraction": 0.25}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--role-options", "counterfactual"])
 
 
 def test_sampling_never_emits_image_placeholders(handle, examples, tmp_path):

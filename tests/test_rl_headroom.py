@@ -1,9 +1,9 @@
-"""The RL headroom diagnostic's arithmetic (the script itself runs on the built-in model)."""
+"""The RL headroom diagnostic's arithmetic (dyco_probe.studies.headroom; analyses/rl_headroom.py runs it on the built-in model)."""
 
 import numpy as np
 import pytest
 
-from analyses.rl_headroom import calibration, first_divergence, summarise
+from dyco_probe.studies.headroom import calibration, first_divergence, summarise
 from dyco_probe.task.problems import make_split
 
 

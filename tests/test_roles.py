@@ -11,7 +11,7 @@ SETTINGS = settings(max_examples=60, deadline=None)
 
 
 def reference_role(v_vis, v_txt, real, t, tau_vis, tau_txt):
-    """SPEC §4 read literally, one token at a time."""
+    """docs/method.md#token-roles read literally, one token at a time."""
     delta = v_vis - v_txt
     if t == 0 or not real or math.isnan(delta):
         return Role.NEUTRAL

@@ -58,8 +58,32 @@ def test_several_images_and_summary():
         "num_image_tokens": 2,
         "first_image_token": 1,
         "last_image_token": 2,
+        "image_token_counts": [2],
+        "image_grids": [None],  # 2 tokens per image form no square grid
     }
     assert summary[0]["last_image_token"] == 5
+    assert summary[0]["image_token_counts"] == [2, 2]
+
+
+def test_images_without_grid_are_the_runs_of_image_tokens_with_grids_from_rotary_positions():
+    """What `generate` passes a Qwen-VL forward: no `image_grid_thw`, but 3-D rotary positions."""
+    model = tiny_qwen2_5_vl()
+    batch = tiny_batch(model, 3, images_per_prompt=2)
+    exact = spans_for_model(model, batch).summary()
+    position_ids, _ = model.model.get_rope_index(
+        batch["input_ids"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )
+    inputs = {k: v for k, v in batch.items() if k not in ("image_grid_thw", "pixel_values")}
+    from_positions = spans_for_model(model, {**inputs, "position_ids": position_ids}).summary()
+    runs_only = spans_for_model(model, inputs).summary()
+    for a, b, c in zip(exact, from_positions, runs_only):
+        assert a["num_images"] == b["num_images"] == c["num_images"] == 2
+        assert a["image_token_counts"] == b["image_token_counts"] == c["image_token_counts"]
+        assert a["image_grids"] == b["image_grids"] and all(g is not None for g in a["image_grids"])
+        assert c["image_grids"] == [None, None]
 
 
 def test_missing_image_error_and_warning_name_the_sample():

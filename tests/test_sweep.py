@@ -123,6 +123,9 @@ def test_sweep_file_errors_name_the_problem(tmp_path):
         ("[model]\nsource = 'builtin'\n", "no [[grid]]"),
         ("[[grid]]\nrole_sources = ['fisher']\n", "unknown role source 'fisher'.*ratio_threshold"),
         ("[roles]\ntheta = 'high'\n[[grid]]\n", "theta must be a number"),
+        ("[roles]\ncounterfactual = 'noise'\n[[grid]]\n", "unknown counterfactual 'noise'"),
+        ("[roles]\ncounterfactual = 1\n[[grid]]\n", "counterfactual must be a string"),
+        ("[roles]\nvisual_above = 0.01\ntext_below = 0.1\n[[grid]]\n", "wrong order"),
     ]:
         path = tmp_path / "bad.toml"
         path.write_text(bad)
@@ -178,6 +181,33 @@ def test_role_sources_are_any_labeller(tmp_path, handle):
         assert rows.sort_values("item_index")["n_targets"].tolist() == want, (source, target)
 
 
+def test_visual_dependency_as_a_role_source(tmp_path, handle):
+    from dyco_probe.data import synthetic_examples
+    from dyco_probe.interventions import prepare_trajectories
+    from dyco_probe.interventions.conditions import labeller_options
+    from dyco_probe.labellers import get_labeller
+    from dyco_probe.tracing import trace_offline
+
+    text = SWEEP.replace("n = 4", "n = 2").split("[[grid]]")[0] + (
+        '[roles]\ncounterfactual = "swap"\ndivergence = "k3"\nvisual_above = 1e-3\ntext_below = 1e-4\n'
+        'theta = 0.3\n\n[[grid]]\ntargets = ["visual", "text"]\nrole_sources = ["visual_dependency"]\n'
+    )
+    config = SweepConfig.load(write(tmp_path, text))
+    options = labeller_options("visual_dependency", config.roles)
+    assert options == {"counterfactual": "swap", "divergence": "k3", "visual_above": 1e-3, "text_below": 1e-4}
+    summary = run_sweep(config, handle=handle, progress=False)
+    assert summary.rows_written == 2 * 2 and summary.errors == 0
+    frame = pd.read_parquet(Path(config.out) / "results.parquet")
+
+    examples = synthetic_examples("test", 2)
+    traj = prepare_trajectories(handle, examples, trajectory="gold", max_new_tokens=48)
+    trace = trace_offline(handle.model, traj.prompt_inputs, traj.completion_ids, traj.completion_mask)
+    roles = get_labeller("visual_dependency")(trace, handle=handle, examples=examples, **options)
+    for target, rows in frame.groupby("target"):
+        want = (roles == (1 if target == "visual" else 2)).sum(-1).tolist()
+        assert rows.sort_values("item_index")["n_targets"].tolist() == want, target
+
+
 # -- resumption ----------------------------------------------------------------------------------
 
 
@@ -209,8 +239,9 @@ def test_rerun_skips_finished_work_and_new_grid_entries_run(tmp_path, handle, re
         run_sweep(other, handle=handle, progress=False)
 
 
-def test_a_failing_item_is_recorded_and_not_fatal(tmp_path, handle):
-    from dyco_probe.data import synthetic_examples, write_jsonl
+def test_a_failing_item_is_recorded_and_not_fatal(tmp_path, handle, monkeypatch):
+    import dyco_probe.interventions.sweep as sweep_module
+    from dyco_probe.data import DataError, synthetic_examples, write_jsonl
 
     data = write_jsonl(synthetic_examples("test", 4), tmp_path / "data" / "d.jsonl")
     broken = sorted((tmp_path / "data" / "d_images").glob("*.png"))[1]
@@ -218,6 +249,20 @@ def test_a_failing_item_is_recorded_and_not_fatal(tmp_path, handle):
     broken.write_bytes(b"not a png")
     text = SWEEP.replace('split = "test"', f'jsonl = "{data}"')
     config = SweepConfig.load(write(tmp_path, text))
+    with pytest.raises(DataError, match=r"d\.jsonl:2: image file .* is not a readable image"):
+        run_sweep(config, handle=handle, progress=False)  # a bad image is found before any work
+
+    # an image that goes bad after the data was read fails its item only
+    broken.write_bytes(good)
+    read = sweep_module.sweep_examples
+
+    def read_then_break(config):
+        broken.write_bytes(good)
+        examples = read(config)
+        broken.write_bytes(b"not a png")
+        return examples
+
+    monkeypatch.setattr(sweep_module, "sweep_examples", read_then_break)
     summary = run_sweep(config, handle=handle, progress=False)
     frame = pd.read_parquet(Path(config.out) / "results.parquet")
     bad = frame[frame["status"] == "error"]
@@ -226,6 +271,7 @@ def test_a_failing_item_is_recorded_and_not_fatal(tmp_path, handle):
     assert (frame[frame["item_index"] != 1]["status"] == "ok").all() and len(frame) == 4 * N_CONDITIONS
 
     assert run_sweep(config, handle=handle, progress=False).rows_written == 0  # errors count as done...
+    monkeypatch.undo()
     broken.write_bytes(good)
     retry = run_sweep(config, handle=handle, progress=False, retry_failed=True)  # ...unless retried
     assert retry.rows_written == N_CONDITIONS and retry.errors == 0
@@ -259,7 +305,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path, reference):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f'"rows_skipped": {len(partial)}' in done.stdout
     check_complete(pd.read_parquet(tmp_path / "out" / "results.parquet"), reference)
-    assert not list(units.glob("*.parquet")) and not list((tmp_path / "out").rglob(".tmp-*"))
+    assert not list(units.glob("*.parquet")) and not list((tmp_path / "out").rglob(".*.partial"))
 
 
 def _free_port() -> int:

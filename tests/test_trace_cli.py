@@ -123,7 +123,47 @@ def test_trace_completions_from_eval_records(checkpoint, tmp_path, capsys):
             "--completions",
             str(records),
             "--out",
-            str(out),
+            str(tmp_path / "other.parquet"),
         ]
     )
     assert code == 2 and "not among the loaded examples" in capsys.readouterr().err
+
+
+def test_roles_visual_dependency_runs_the_trace_model(checkpoint, tmp_path, capsys):
+    from dyco_probe.data import synthetic_examples, write_jsonl
+    from dyco_probe.labellers import get_labeller
+    from dyco_probe.models.loading import load
+
+    out = tmp_path / "gold.parquet"
+    assert main(["trace", "--model", checkpoint, "--n", "3", "--gold", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    argv = ["roles", "--trace", str(out), "--labeller", "visual_dependency", "--counterfactual", "swap"]
+    argv += [
+        "--divergence",
+        "k3",
+        "--visual-above",
+        "1e-3",
+        "--text-below",
+        "1e-4",
+        "--against",
+        "ground_truth",
+    ]
+    code, res, text = run_json(capsys, argv + ["--json", "--out", str(tmp_path / "roles.pt")])
+    assert code == 0 and res["options"]["counterfactual"] == "swap" and "macro F1" in text
+    tr = Trace.load(out)
+    want = get_labeller("visual_dependency")(
+        tr,
+        handle=load(checkpoint),
+        counterfactual="swap",
+        divergence="k3",
+        visual_above=1e-3,
+        text_below=1e-4,
+    )
+    assert torch.equal(torch.load(tmp_path / "roles.pt")["roles"], want)
+
+    # the examples may come from a jsonl (for traces of other data); bad thresholds fail at once
+    data = write_jsonl(synthetic_examples("test", 3), tmp_path / "data" / "test.jsonl")
+    code, again, _ = run_json(capsys, argv + ["--data", str(data), "--json"])
+    assert code == 0 and again["role_fractions"] == res["role_fractions"]
+    code = main(["roles", "--trace", str(out), "--labeller", "visual_dependency", "--text-below", "9"])
+    assert code == 2 and "wrong order" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Online tracing during generate, offline tracing, and the SPEC §2-3 numbers they produce."""
+"""Online tracing during generate, offline tracing, and the docs/method.md#attention-signals, #modality-dynamics numbers they produce."""
 
 import math
 
@@ -37,7 +37,7 @@ def llava():
 
 
 def reference_trace(model, batch, completion, mask, *, layers, heads=None, text_span="post_image"):
-    """SPEC §2-3 written out literally, sample by sample and token by token, from the full attention
+    """docs/method.md#attention-signals, #modality-dynamics written out literally, sample by sample and token by token, from the full attention
     matrices of transformers' eager attention (float64 arithmetic, python loops)."""
     eager = model.config._attn_implementation
     text_config = model.config.get_text_config()

@@ -90,7 +90,7 @@ def test_zero_bias_is_a_no_op(model, batch):
 
 
 def test_knockout_of_image_keys_makes_output_independent_of_pixels(model, batch):
-    """SPEC §8: image keys knocked out for every query at every layer -> output ignores the pixels."""
+    """docs/method.md#interventions: image keys knocked out for every query at every layer -> output ignores the pixels."""
 
     def knockout(call):
         image = batch["input_ids"] == TINY_TOKENS.image

@@ -45,7 +45,7 @@ def text_reward(completions, answers):
     return [sum(map(ord, c)) % 7 / 7 for c in completions]
 
 
-def make_trainer(checkpoint, tmp_path, dyco, cls=DyCoGRPOTrainer, **kw):
+def make_trainer(checkpoint, tmp_path, dyco, cls=DyCoGRPOTrainer, roles=None, **kw):
     path, processor = checkpoint
     settings = dict(
         output_dir=str(tmp_path / "out"),
@@ -69,6 +69,7 @@ def make_trainer(checkpoint, tmp_path, dyco, cls=DyCoGRPOTrainer, **kw):
         args=args,
         train_dataset=synthetic_dataset("train", 8),
         dyco=dyco,
+        **(roles or {}),
     )
 
 
@@ -110,12 +111,15 @@ def test_sequence_granularity_and_dapo_loss(checkpoint, tmp_path):
     )
     trainer.seen = []
     trainer.train()
+    checked = 0
     for seq_adv, _, mask, adv in trainer.seen:
-        spread = seq_adv != 0  # a group whose rewards tie has no advantage to reweight
-        factor = adv[spread, 0] / seq_adv[spread]  # one factor per completion, in the clamp range
+        moved = seq_adv != 0  # a group without reward spread has no advantage to reweight
+        factor = adv[moved, 0] / seq_adv[moved]  # one factor per completion, in the clamp range
         assert ((factor > 0.8 - 1e-5) & (factor < 1.2 + 1e-5)).all()
-        torch.testing.assert_close(adv[spread], factor[:, None] * seq_adv[spread, None] * mask[spread])
-        assert (adv[~spread] == 0).all()
+        torch.testing.assert_close(adv[moved], factor[:, None] * seq_adv[moved, None] * mask[moved])
+        assert (adv[~moved] == 0).all()
+        checked += int(moved.sum())
+    assert checked > 0
 
 
 class Compare(DyCoGRPOTrainer):
@@ -212,8 +216,10 @@ def test_command_line_entry_point_on_a_jsonl(checkpoint, tmp_path):
     ]
     argv += ["--max_completion_length", "6", "--max_steps", "1", "--use_cpu", "--report_to", "none"]
     argv += ["--save_strategy", "no", "--logging_steps", "1"]
+    argv += ["--roles", "visual_dependency", "--role_options", "counterfactual=patches,visual_above=0.5"]
     trainer = main(argv)
-    assert trainer.dyco.granularity == "sequence"
+    assert trainer.dyco.granularity == "sequence" and trainer.roles == "visual_dependency"
+    assert trainer.role_options == {"counterfactual": "patches", "visual_above": 0.5}
     assert "dyco/s_mean" in trainer.state.log_history[0]
     assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "tokenizer.json").exists()
 
@@ -327,3 +333,72 @@ def load_weights(path: str) -> dict:
     from dyco_probe.models.loading import load
 
     return {k: v.clone() for k, v in load(path).model.state_dict().items()}
+
+
+class DependencySpy(DyCoGRPOTrainer):
+    """Records the batch, its visual dependency roles and the roles the scorer used, with the rows
+    they were used for (TRL shuffles the batch before the loss forward that scores it)."""
+
+    seen: list
+
+    def _dependency_roles(self, inputs, output, mask):
+        roles = super()._dependency_roles(inputs, output, mask)
+        output["spy_rows"] = torch.arange(len(inputs), device=mask.device)  # shuffled with the batch
+        record = {"ids": [r["id"] for r in inputs], "output": output, "mask": mask, "roles": roles}
+        self.seen.append({**record, "scored": []})
+        return roles
+
+    def _apply_dyco(self, batch, trace, extra_forward):
+        self._rows = batch["spy_rows"]
+        super()._apply_dyco(batch, trace, extra_forward)
+
+    def _reweight(self, advantages, scored, mask, group_ids):
+        self.seen[-1]["scored"].append((self._rows, scored["roles"]))
+        return super()._reweight(advantages, scored, mask, group_ids)
+
+
+def test_visual_dependency_roles(checkpoint, tmp_path, monkeypatch):
+    import dyco_probe.counterfactual as cf
+    from dyco_probe.data import synthetic_examples
+    from dyco_probe.dependency import dependency_roles
+    from dyco_probe.models.loading import load
+
+    scores, forward = [], cf.dependency_from_inputs
+    monkeypatch.setattr(
+        cf, "dependency_from_inputs", lambda *a, **k: scores.append(forward(*a, **k)) or scores[-1]
+    )
+    options = {"counterfactual": "patches", "divergence": "k3", "visual_above": 1e-3, "text_below": 1e-4}
+    roles = {"roles": "visual_dependency", "role_options": options}
+    # float32 throughout (TRL's default on CPU is bf16 autocast), to compare with a plain forward below
+    trainer = make_trainer(
+        checkpoint, tmp_path, ScorerConfig(alpha=0.5), cls=DependencySpy, roles=roles, bf16=False
+    )
+    trainer.seen = []
+    trainer.train()
+    assert len(trainer.seen) == len(scores) == 2
+    for batch, score in zip(trainer.seen, scores):
+        mask = batch["mask"]
+        assert torch.equal(batch["roles"], dependency_roles(score.cpu(), mask.cpu(), 1e-3, 1e-4))
+        rows = torch.cat([r for r, _ in batch["scored"]])
+        assert sorted(rows.tolist()) == list(range(mask.shape[0]))  # each row scored once
+        for r, scored in batch["scored"]:
+            assert torch.equal(scored[mask[r]], batch["roles"][r][mask[r]])
+
+    # the first batch (policy still the initial model), scored independently through a ModelHandle
+    first = trainer.seen[0]
+    by_id = {ex.id: ex for ex in synthetic_examples("train", 8)}
+    examples = [by_id[i] for i in first["ids"]]
+    ids, mask = first["output"]["completion_ids"], first["mask"]
+    want = cf.visual_dependency_scores(
+        load(checkpoint[0]), examples, ids, mask, counterfactual="patches", divergence="k3"
+    )
+    torch.testing.assert_close(scores[0].cpu(), want, atol=1e-6, rtol=1e-3)
+    with pytest.raises(ValueError, match="wrong order"):
+        make_trainer(
+            checkpoint,
+            tmp_path,
+            ScorerConfig(),
+            roles={"roles": "visual_dependency", "role_options": {"text_below": 5}},
+        )
+    with pytest.raises(ValueError, match="roles must be one of"):
+        make_trainer(checkpoint, tmp_path, ScorerConfig(), roles={"roles": "ground_truth"})

@@ -1,12 +1,12 @@
-"""analyses/validate_labellers.py: where the tokens each labeller calls visual look."""
+"""The labeller validation (dyco_probe.studies.labellers, labeller_dependency): where the tokens each labeller calls visual look."""
 
 import math
 
 import pytest
 import torch
 
-from analyses.validate_labellers import visual_token_peaks
 from dyco_probe.roles import Role
+from dyco_probe.studies.labellers import visual_token_peaks
 from dyco_probe.tracing import Trace
 
 V, X, N = int(Role.VISUAL), int(Role.TEXT), int(Role.NEUTRAL)
@@ -59,3 +59,53 @@ def test_visual_token_peaks_score_look_ups_and_count_the_rest():
     none = visual_token_peaks(trace, relevant, objects, [("none", "", torch.full(shape, X))], truth)[0]
     assert none["visual_tokens"] == 0 and none["tokens"] == 0
     assert math.isnan(none["without_relevant_share"]) and math.isnan(none["peak_share"])
+
+
+def test_overlap_counts_visual_tokens_of_two_labellers():
+    from dyco_probe.studies.labellers import overlap
+
+    truth = torch.tensor([[V, V, X, N], [V, X, X, N]])
+    a = torch.tensor([[V, X, V, N], [V, V, X, V]])
+    b = torch.tensor([[V, V, X, N], [X, X, V, N]])
+    mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    out = overlap(a, b, truth, mask)
+    assert out["true_visual"] == {"tokens": 3, "both": 1, "only_first": 1, "only_second": 1, "neither": 0}
+    assert out["other"] == {"tokens": 4, "both": 0, "only_first": 2, "only_second": 1, "neither": 1}
+
+
+def test_dependency_section_writes_its_files(tmp_path):
+    """The counterfactual labeller's validation end to end on a miniature model and gold chains."""
+    import argparse
+
+    from dyco_probe.api import trace_completions
+    from dyco_probe.data import synthetic_examples
+    from dyco_probe.labellers import get_labeller
+    from dyco_probe.studies.labeller_dependency import dependency_section
+    from dyco_probe.testing import mini_builtin
+
+    handle = mini_builtin()
+    examples = synthetic_examples("test", 6)
+    online = trace_completions(handle, examples, [ex.completion for ex in examples], progress=False).trace
+    truth = get_labeller("ground_truth")(online, examples=examples, tokenizer=handle.tokenizer)
+    args = argparse.Namespace(
+        counterfactuals=["blank", "swap"],
+        divergences=["kl", "k3"],
+        mask_fraction=0.5,
+        batch_size=4,
+        model="builtin",
+        split="test",
+        completions="gold",
+    )
+    data = {"handle": handle, "examples": examples, "online": online, "runs": tmp_path}
+    predictions, md = dependency_section(args, data, truth, tmp_path)
+    assert [(name, setting.split(",")[0]) for name, setting, _ in predictions] == [
+        ("visual_dependency", "blank"),
+        ("visual_dependency", "swap"),
+    ]
+    assert all(pred.shape == online.mask.shape for _, _, pred in predictions)
+    for name in ("labeller_dependency.md", "labeller_dependency.csv", "labeller_dependency_thresholds.csv"):
+        assert (tmp_path / name).exists()
+    assert (tmp_path / "labeller_dependency_vs_delta.png").exists()
+    assert len(list(tmp_path.glob("dependency_*.pt"))) == 4  # the scores, cached for reruns
+    text = "\n".join(md)
+    assert "| swap | k3 |" in text and "Fisher–Rao rule" in text

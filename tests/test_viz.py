@@ -209,3 +209,21 @@ def test_save_html_of_several_figures_inlines_plotly_once(tmp_path):
     path = viz.save_html([viz.token_timeline(trace, 0), viz.token_timeline(trace, 1)], tmp_path / "two.html")
     text = path.read_text()
     assert text.count("* plotly.js v") == 1 and text.count("plotly-graph-div") == 2
+
+
+def test_dependency_vs_delta_figure(tmp_path):
+    from dyco_probe.viz import plot_dependency_vs_delta
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 3, (6, 10), generator=g)
+    score = torch.where(truth == 1, 2.0, 1e-4) * torch.rand(6, 10, generator=g)
+    delta = torch.randn(6, 10, generator=g) * 0.1
+    mask = torch.ones(6, 10, dtype=torch.bool)
+    mask[0, 5:] = False
+    fig = plot_dependency_vs_delta(delta, score, truth, mask, thresholds=(0.1, 0.05))
+    ax = fig.axes[0]
+    counts = [t.get_text() for t in ax.texts]
+    assert len(counts) == 4 and sum(int(c.split()[0]) for c in counts) == 6 * 9 - 5  # no t = 0, no padding
+    assert ax.get_yscale() == "symlog" and len(ax.get_legend().get_texts()) == 3
+    viz.save_figure(fig, tmp_path / "dep", close=True)
+    assert (tmp_path / "dep.png").exists()

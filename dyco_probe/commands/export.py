@@ -19,7 +19,14 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = add_command(sub, "export", run, "export a synthetic split in VLM-R1 jsonl format with PNG images")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--out", required=True, help="jsonl path; images go next to it")
-    p.add_argument("--task-config", help="JSON object of TaskConfig knobs, e.g. '{\"max_hops\": 2}'")
+    p.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="synthetic split (default: test)"
+    )
+    p.add_argument("--n", type=int, default=200, help="number of examples (default: 200)")
+    p.add_argument(
+        "--out", required=True, help="jsonl path; images go next to it, in <stem>_images/ (required)"
+    )
+    p.add_argument(
+        "--task-config",
+        help="JSON object of TaskConfig knobs, e.g. '{\"max_hops\": 2}' (default: the task's defaults)",
+    )

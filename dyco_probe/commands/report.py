@@ -4,7 +4,7 @@
     dyco-probe report --run runs/mine --data my.jsonl --timelines 6 # images of a user's own data
 
 The page embeds every figure and table, inlines plotly.js (no CDN: it opens offline) and lists what
-the run directory lacks with the command that makes it. The layout is in ``dyco_probe.report``.
+the run directory lacks with the command that makes it. The layout is in ``dyco_probe.rundir``.
 """
 
 from __future__ import annotations
@@ -38,11 +38,22 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = add_command(sub, "report", run, "write a self-contained HTML report of a run directory")
-    p.add_argument("--run", required=True, help="run directory (runs/<name>; layout: dyco_probe.report)")
+    p.add_argument(
+        "--run",
+        required=True,
+        help="run directory runs/<name>, holding trace.parquet, interventions/, rl/ ... (required; layout: dyco_probe.rundir)",
+    )
     p.add_argument("--out", help="HTML file to write (default: <run>/report.html)")
     p.add_argument("--trace", help="trace parquet (default: <run>/trace.parquet)")
-    p.add_argument("--data", help="the jsonl the trace was made from (images for the heat-maps)")
+    p.add_argument(
+        "--data",
+        help="the jsonl the trace was made from, for the heat-maps' images (default: none; synthetic traces re-render theirs)",
+    )
     p.add_argument("--model", help="tokenizer source for ground-truth roles (default: the trace's model)")
-    p.add_argument("--timelines", type=int, default=4, help="interactive token timelines to include")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the intervals")
-    p.add_argument("--title", help="page title")
+    p.add_argument(
+        "--timelines", type=int, default=4, help="interactive token timelines to include (default: 4)"
+    )
+    p.add_argument(
+        "--n-boot", type=int, default=1000, help="bootstrap resamples of the intervals (default: 1000)"
+    )
+    p.add_argument("--title", help="page title (default: the run's name)")

@@ -64,14 +64,24 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = add_command(sub, "sweep", run, "run a sweep of causal interventions from a TOML file (resumable)")
-    p.add_argument("file", help="sweep file (.toml); see dyco_probe.interventions.conditions for the schema")
-    p.add_argument("--merge", action="store_true", help="join the per-process parts into results.parquet")
+    p.add_argument(
+        "file", help="sweep file (.toml); schema in dyco_probe.interventions.conditions (required)"
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="join the per-process parts into results.parquet (default: run the sweep)",
+    )
     p.add_argument("--out", help="output directory (default: the file's `out`)")
     p.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK or 0)")
     p.add_argument(
         "--world-size", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)"
     )
-    p.add_argument("--retry-failed", action="store_true", help="rerun rows stored with status 'error'")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="rerun rows stored with status 'error' (default: keep them)",
+    )
     p.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads per process (0: torch's default)"
     )

@@ -28,6 +28,11 @@ the same numbers, one extra teacher-forced forward without gradient does it
     )
     trainer.train()
 
+Roles come from the traced dynamics (docs/method.md#token-roles, ``roles="fisher_rao"``) or, with
+``roles="visual_dependency"``, from the counterfactual labeller (``dyco_probe.labellers``): one more
+teacher-forced forward without gradient, the batch with its real images and with counterfactual ones
+(``role_options``: ``counterfactual``, ``divergence``, thresholds; ``dyco_probe.counterfactual``).
+
 With several processes, token-level weights need only each process's own completions; sequence
 scores normalised over the group gather the group's scores across processes first (a group's
 completions may be spread over processes), so every process sees the same statistics.
@@ -41,10 +46,15 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOTrainer
 
-from dyco_probe.roles import Role
+from dyco_probe.completions import completion_mask
+from dyco_probe.labellers import DEPENDENCY_DEFAULTS, check_options, parse_options
+from dyco_probe.layers import parse_layer_choice
+from dyco_probe.roles import TAU_TXT, TAU_VIS, Role
 from dyco_probe.scoring import ScorerConfig, reweight_advantages, score_tokens
 
 __all__ = ["DyCoArguments", "DyCoGRPOTrainer", "as_trl_reward", "jsonl_dataset", "main", "synthetic_dataset"]
+
+ROLE_SOURCES = ("fisher_rao", "visual_dependency")
 
 
 def _completion_text(completion) -> str:
@@ -75,12 +85,17 @@ def _row(ex) -> dict:
     content = [
         {"type": "image"} if p is None else {"type": "text", "text": p} for p in split_image_tags(ex.question)
     ]
-    return {"prompt": [{"role": "user", "content": content}], "images": ex.load_images(), "answer": ex.answer}
+    return {
+        "id": str(ex.id),
+        "prompt": [{"role": "user", "content": content}],
+        "images": ex.load_images(),
+        "answer": ex.answer,
+    }
 
 
 def synthetic_dataset(split: str, n: int, config=None):
     """The synthetic task as a ``datasets.Dataset`` in TRL's conversational VLM format:
-    ``prompt`` (a user turn with image slots and the question), ``images`` and ``answer``."""
+    ``prompt`` (a user turn with image slots and the question), ``images``, ``answer`` and ``id``."""
     from datasets import Dataset
 
     from dyco_probe.data import synthetic_examples
@@ -102,7 +117,7 @@ CAPTURES = ("auto", "extra_forward")
 
 
 class DyCoGRPOTrainer(GRPOTrainer):
-    """``GRPOTrainer`` with DyCo per-token advantages (SPEC §6).
+    """``GRPOTrainer`` with DyCo per-token advantages (docs/method.md#advantage-reweighting).
 
     Args:
         *args, **kwargs: as for ``trl.GRPOTrainer``.
@@ -112,6 +127,10 @@ class DyCoGRPOTrainer(GRPOTrainer):
         capture: where the attention rows come from. ``"auto"`` (default): from a forward of the
             policy that TRL runs anyway, where that gives the same numbers (``dyco_capture_plan``),
             else one extra teacher-forced forward; ``"extra_forward"``: always the extra forward.
+        roles: ``"fisher_rao"`` (docs/method.md#token-roles on the traced dynamics, the scorer's thresholds) or
+            ``"visual_dependency"`` (counterfactual; one more forward per batch).
+        role_options: options of ``visual_dependency`` (``dyco_probe.labellers.DEPENDENCY_DEFAULTS``
+            and ``patch_size``, ``seed``); errors name the dataset row's ``id`` column when it has one.
 
     TRL's own group advantages (its ``scale_rewards`` included) are the ``Â`` that DyCo reweights.
     Logged per step: ``dyco/role_visual``, ``dyco/role_text``, ``dyco/s_mean``, ``dyco/w_std``,
@@ -126,10 +145,15 @@ class DyCoGRPOTrainer(GRPOTrainer):
         trace_config=None,
         image_token_id: int | None = None,
         capture: str = "auto",
+        roles: str = "fisher_rao",
+        role_options: dict | None = None,
         **kwargs,
     ):
         if capture not in CAPTURES:
             raise ValueError(f"unknown capture {capture!r}; valid: {', '.join(CAPTURES)}")
+        if roles not in ROLE_SOURCES:
+            raise ValueError(f"roles must be one of {', '.join(ROLE_SOURCES)}, got {roles!r}")
+        check_options(roles, role_options or {})
         super().__init__(*args, **kwargs)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         if getattr(tokenizer, "padding_side", "left") != "left":
@@ -139,6 +163,8 @@ class DyCoGRPOTrainer(GRPOTrainer):
         self.dyco = dyco or ScorerConfig()
         self.trace_config = trace_config
         self.dyco_image_token_id = image_token_id
+        self.roles = roles
+        self.role_options = dict(role_options or {})
         self.dyco_capture = capture
         self._dyco_slot: _Slot | None = None
 
@@ -185,6 +211,8 @@ class DyCoGRPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * b
         output["dyco_group_ids"] = torch.arange(start, start + b, device=output["advantages"].device)
         output["dyco_group_ids"] //= self._group_size
+        if self.roles == "visual_dependency":  # [B, T], split and shuffled with the batch by TRL
+            output["dyco_roles"] = self._dependency_roles(inputs, output, self._eos_mask(output))
         if plan == "loss" and self._all_processes(self._masks_agree(output)):
             return output  # scored in the loss forward (_compute_loss), before backward
         captured = slot.trace if slot is not None else None
@@ -251,12 +279,13 @@ class DyCoGRPOTrainer(GRPOTrainer):
         flags = self.accelerator.gather(torch.tensor([int(flag)], device=self.accelerator.device))
         return bool(flags.all())
 
-    def _masks_agree(self, batch) -> bool:
-        """Does TRL attend over the completions the tracer reads (up to and including the first EOS)?"""
-        from dyco_probe.tracing.tracer import _completion_mask
+    def _eos_mask(self, batch) -> torch.Tensor:
+        """``[B, T]`` the completions the tracer reads: up to and including the first EOS."""
+        return completion_mask(batch["completion_ids"], list(self.eos_token_ids))
 
-        eos = _completion_mask(batch["completion_ids"], list(self.eos_token_ids))
-        return bool(torch.equal(eos, batch["completion_mask"].bool()))
+    def _masks_agree(self, batch) -> bool:
+        """Does TRL attend over the completions the tracer reads?"""
+        return bool(torch.equal(self._eos_mask(batch), batch["completion_mask"].bool()))
 
     def _ride_along_tracer(self, input_ids, attention_mask, logits_to_keep: int, forward_kwargs: dict):
         """An ``OfflineTracer`` for a TRL forward over ``prompt ++ completion``, or None where TRL's
@@ -283,11 +312,9 @@ class DyCoGRPOTrainer(GRPOTrainer):
             return None
         return tracer
 
-    def _trace(self, batch):
-        """Teacher-forced trace of the batch's completions under the current (sampling) policy: the
-        extra forward."""
-        from dyco_probe.tracing import trace_offline
-
+    @staticmethod
+    def _prompt_inputs(batch) -> dict:
+        """The encoded prompt batch (ids, mask, pixel inputs) of TRL's output, left-padded."""
         prompt_len = batch["prompt_ids"].shape[1]
         prompt_inputs = {"input_ids": batch["prompt_ids"], "attention_mask": batch["prompt_mask"]}
         for key in ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask"):
@@ -296,6 +323,55 @@ class DyCoGRPOTrainer(GRPOTrainer):
         for key in ("mm_token_type_ids", "token_type_ids"):
             if key in batch:
                 prompt_inputs[key] = batch[key][:, :prompt_len]
+        return prompt_inputs
+
+    def _dependency_roles(self, inputs, output, mask: torch.Tensor) -> torch.Tensor:
+        """``visual_dependency`` roles of the batch: its prompts with the real and with counterfactual
+        images (pixels re-encoded, token ids kept), one teacher-forced forward without gradient."""
+        from dyco_probe.counterfactual import (
+            counterfactual_images,
+            default_patch_size,
+            dependency_from_inputs,
+            with_images,
+        )
+        from dyco_probe.dependency import dependency_roles
+
+        o = {**DEPENDENCY_DEFAULTS, **self.role_options}
+        images = [
+            list(row.get("images") or ([row["image"]] if row.get("image") is not None else []))
+            for row in inputs
+        ]
+        step = self.state.global_step
+        keys = [row.get("id", f"step {step} group {i // self._group_size}") for i, row in enumerate(inputs)]
+        names = [str(row.get("id", f"batch row {i}")) for i, row in enumerate(inputs)]
+        cf = counterfactual_images(
+            images,
+            o["counterfactual"],
+            keys=keys,
+            names=names,
+            mask_fraction=float(o["mask_fraction"]),
+            patch_size=int(o.get("patch_size") or default_patch_size(self.processing_class)),
+            seed=int(o.get("seed", 0)),
+        )
+        real = self._prompt_inputs(output)
+        other = with_images(real, self.processing_class, cf, names)
+        score = dependency_from_inputs(
+            self._policy,
+            real,
+            other,
+            output["completion_ids"],
+            mask,
+            divergence=o["divergence"],
+            temperature=float(o.get("temperature", self.temperature)),
+        )
+        return dependency_roles(score, mask, float(o["visual_above"]), float(o["text_below"]))
+
+    def _trace(self, batch):
+        """Teacher-forced trace of the batch's completions under the current (sampling) policy: the
+        extra forward."""
+        from dyco_probe.tracing import trace_offline
+
+        prompt_inputs = self._prompt_inputs(batch)
         model = self._policy
         was_training = model.training
         model.eval()
@@ -321,12 +397,14 @@ class DyCoGRPOTrainer(GRPOTrainer):
         groups = batch["dyco_group_ids"]
         # float32, also inside the loss forward's autocast (mixed precision)
         with torch.autocast(device_type=groups.device.type, enabled=False):
-            scored = self._score(trace, groups)
+            scored = self._score(trace, groups, batch.get("dyco_roles"))
             mask = trace.mask.to(groups.device)
             batch["advantages"] = self._reweight(batch["advantages"], scored, mask, groups)
         self._log_dyco(scored, mask, batch, extra_forward)
 
-    def _score(self, trace, group_ids) -> dict:
+    def _score(self, trace, group_ids, roles=None) -> dict:
+        """DyCo's scores of ``trace``; ``roles`` (``[B, T]``, ``visual_dependency``) replace the
+        roles labelled from the traced dynamics."""
         scored = score_tokens(
             trace.r_vis,
             trace.r_txt,
@@ -334,6 +412,7 @@ class DyCoGRPOTrainer(GRPOTrainer):
             trace.v_txt,
             trace.mask,
             self.dyco,
+            roles=None if roles is None else roles.cpu(),
             group_ids=group_ids.cpu(),
         )
         return {k: v.to(group_ids.device) for k, v in scored.items()}
@@ -439,10 +518,17 @@ class DyCoArguments:
     alpha: float = field(default=0.2, metadata={"help": "DyCo reweighting strength"})
     normalise_over: str = field(default="group", metadata={"help": "sequence scores: group or batch"})
     min_length: int = field(default=0, metadata={"help": "sequence scores: anti-collapse length guard"})
-    tau_vis: float = field(default=0.0, metadata={"help": "visual role threshold"})
-    tau_txt: float = field(default=0.05, metadata={"help": "text role threshold"})
+    tau_vis: float = field(default=TAU_VIS, metadata={"help": "visual role threshold"})
+    tau_txt: float = field(default=TAU_TXT, metadata={"help": "text role threshold"})
     trace_layers: str | None = field(
         default=None, metadata={"help": "probed layers: 'all' or 'i,j' (default last)"}
+    )
+    roles: str = field(
+        default="fisher_rao", metadata={"help": "role source: fisher_rao or visual_dependency"}
+    )
+    role_options: str | None = field(
+        default=None,
+        metadata={"help": "visual_dependency options, e.g. 'counterfactual=patches,visual_above=0.5'"},
     )
 
 
@@ -453,7 +539,7 @@ def _load_processor(source: str):
     from dyco_probe.models import loading
     from dyco_probe.models.adapters import adapter_for
 
-    path = loading._resolve(source)
+    path = loading.resolve_checkpoint(source)
     model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
     return loading._load_processor(path, adapter_for(model_type)), str(path)
 
@@ -474,9 +560,7 @@ def main(argv: list[str] | None = None):
         dataset = jsonl_dataset(dyco_args.data, dyco_args.n_train)
     else:
         dataset = synthetic_dataset("train", dyco_args.n_train)
-    layers = dyco_args.trace_layers
-    if layers not in (None, "all"):
-        layers = tuple(int(x) for x in layers.split(","))
+    layers = parse_layer_choice(dyco_args.trace_layers)
     trainer = DyCoGRPOTrainer(
         model=path,
         processing_class=processor,
@@ -492,6 +576,8 @@ def main(argv: list[str] | None = None):
             tau_txt=dyco_args.tau_txt,
         ),
         trace_config=TraceConfig(layers=layers),
+        roles=dyco_args.roles,
+        role_options=parse_options(dyco_args.role_options or ""),
     )
     trainer.train(resume_from_checkpoint=grpo_args.resume_from_checkpoint)
     trainer.save_model(grpo_args.output_dir)

@@ -1,4 +1,4 @@
-"""Causal interventions on attention and activations, readouts, statistics and sweeps (SPEC §8).
+"""Causal interventions on attention and activations, readouts, statistics and sweeps (docs/method.md#interventions).
 
     from dyco_probe.interventions import Intervention, intervene, token_columns, select_tokens
 
@@ -46,13 +46,24 @@ from .queries import (
 )
 from .readouts import generate_greedy, regenerate, teacher_forced_inputs, token_logprobs
 from .spec import KEY_SPANS, Intervention, KeyLayout, layer_windows, parse_layers
-from .stats import PairedComparison, bootstrap_ci, cohens_d, compare_to_control, paired_comparison, summarize
+from .stats import (
+    READOUT_LABELS,
+    ROLE_SOURCE_LABELS,
+    PairedComparison,
+    bootstrap_ci,
+    cohens_d,
+    compare_to_control,
+    paired_comparison,
+    summarize,
+)
 from .store import ResultStore
 from .sweep import SweepSummary, load_sweep_model, merge_sweep, run_sweep, summarize_sweep, sweep_examples
 from .trajectories import ROLE_SOURCES, Trajectories, prepare_trajectories
 
 __all__ = [
     "KEY_SPANS",
+    "READOUT_LABELS",
+    "ROLE_SOURCE_LABELS",
     "ROLE_SOURCES",
     "TARGETS",
     "Condition",

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..completions import forward_inputs
+from ..layers import resolve_indices
 from ..spans import Spans, image_positions, image_token_id_of
 from ..tracing.attention import _text_decoder, attention_hooks, attention_layers
 from .spec import Intervention, KeyLayout
@@ -34,13 +36,6 @@ class InterventionLog:
     rows: int = 0
 
 
-def _forward_inputs(args, kwargs):
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-    return input_ids, kwargs.get("attention_mask"), past
-
-
 @contextlib.contextmanager
 def intervene(
     model,
@@ -50,6 +45,7 @@ def intervene(
     spans: Spans | None = None,
     completion_start: Tensor | int | None = None,
     image_token_id: int | None = None,
+    key_column_offset: Tensor | int | None = None,
 ) -> Iterator[InterventionLog]:
     """Apply `spec` to the queries in `queries` at `spec.layers` while the block runs.
 
@@ -65,6 +61,8 @@ def intervene(
             `question` and `completion`. Default: the padded prompt length (`spans`), or the length of
             the forward that started the sequence.
         image_token_id: default from the model config.
+        key_column_offset: added per sample (int, or `[B]`) to the `positions` key columns, for a
+            batch re-padded after the prompt was encoded (see `KeyLayout.column_offset`).
 
     Yields an `InterventionLog`. A λ = 1 spec, an empty query set or an empty key set adds no bias
     at all: the block then runs exactly as without intervention. A knockout that leaves a query no
@@ -77,25 +75,23 @@ def intervene(
         layers = attention_layers(model)
     state: dict = {"layout": None}
     if spans is not None:
-        state["layout"] = KeyLayout.from_spans(spans, completion_start)
+        state["layout"] = KeyLayout.from_spans(spans, completion_start, key_column_offset)
     image_id = image_token_id_of(model) if image_token_id is None else int(image_token_id)
     value = spec.logit_bias
     num_heads = model.config.get_text_config().num_attention_heads
     head_mask = None
     if spec.heads is not None:
-        heads = sorted({h + num_heads if h < 0 else h for h in spec.heads})
-        if heads and (heads[0] < 0 or heads[-1] >= num_heads):
-            raise ValueError(f"heads {spec.heads} out of range for {num_heads} heads")
+        heads = list(resolve_indices(spec.heads, num_heads, what="heads", allow_empty=True))
         head_mask = torch.zeros(num_heads, dtype=torch.bool)
         head_mask[heads] = True
 
     def on_forward(module, args, kwargs):
-        input_ids, attention_mask, past = _forward_inputs(args, kwargs)
+        input_ids, attention_mask, past = forward_inputs(args, kwargs)
         if input_ids is None or past != 0:
             return
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
         image = image_positions(model, {**kwargs, "input_ids": input_ids}, image_id)
-        state["layout"] = KeyLayout.build(image, valid.bool(), completion_start)
+        state["layout"] = KeyLayout.build(image, valid.bool(), completion_start, key_column_offset)
 
     def hook(call):
         layout = state["layout"]

@@ -27,10 +27,13 @@ directory; unknown keys are errors)::
 
     [roles]                          # how role labellers see the trajectories
     layers = "last"                  # probed layers of their trace: "last", "all" or a list
-    tau_vis = 0.0                    # thresholds of the dynamics rules (SPEC §4: fisher_rao, and
-    tau_txt = 0.05                   #   hellinger, l2, ... in their distance's own units)
+    tau_vis = 0.0                    # thresholds of the dynamics rules (docs/method.md#token-roles:
+    tau_txt = 0.05                   #   fisher_rao, hellinger, l2, ... in their distance's units)
     text_span = "post_image"
     # theta = 0.5                    # ratio_threshold only (and theta_txt); its defaults otherwise
+    # counterfactual = "blank"       # visual_dependency only: "blank", "patches" or "swap", with
+    # divergence = "kl"              #   "kl" or "k3", visual_above / text_below (nats) and, for
+    # visual_above = 0.1             #   patches, mask_fraction and patch_size; its defaults otherwise
 
     [readouts]
     teacher_forced = true
@@ -65,7 +68,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..labellers import get_labeller
+from ..labellers import check_options, get_labeller
+from ..layers import parse_layer_choice
+from ..roles import TAU_TXT, TAU_VIS
 from .queries import TARGETS
 from .spec import KEY_SPANS, Intervention, layers_label, parse_layers
 from .trajectories import TRAJECTORIES, check_role_source
@@ -87,15 +92,31 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-# `[roles]` entries that are labeller options; each labeller gets those it takes.
-LABELLER_OPTIONS = ("tau_vis", "tau_txt", "theta", "theta_txt")
+# `[roles]` entries that are labeller options (numbers, then names); each labeller gets those it takes.
+NUMBER_OPTIONS = (
+    "tau_vis",
+    "tau_txt",
+    "theta",
+    "theta_txt",
+    "visual_above",
+    "text_below",
+    "mask_fraction",
+    "patch_size",
+)
+NAME_OPTIONS = ("counterfactual", "divergence")
+LABELLER_OPTIONS = NUMBER_OPTIONS + NAME_OPTIONS
 
 
 def labeller_options(source: str, roles: dict) -> dict:
     """The options of `roles` (a sweep's `[roles]` table) that the labeller `source` takes, e.g.
-    `tau_vis`, `tau_txt` for the dynamics rules and `theta`, `theta_txt` for `ratio_threshold`."""
+    `tau_vis`, `tau_txt` for the dynamics rules, `theta`, `theta_txt` for `ratio_threshold` and
+    `counterfactual`, `visual_above`, ... for `visual_dependency`."""
     params = inspect.signature(get_labeller(source)).parameters
-    return {k: float(roles[k]) for k in LABELLER_OPTIONS if k in roles and k in params}
+    return {
+        k: (roles[k] if k in NAME_OPTIONS else float(roles[k]))
+        for k in LABELLER_OPTIONS
+        if k in roles and k in params
+    }
 
 
 @dataclass(frozen=True)
@@ -240,15 +261,22 @@ class SweepConfig:
             raise ValueError(f"{where}: slice names must be distinct")
         roles = {
             "layers": "last",
-            "tau_vis": 0.0,
-            "tau_txt": 0.05,
+            "tau_vis": TAU_VIS,
+            "tau_txt": TAU_TXT,
             "text_span": "post_image",
             **raw.get("roles", {}),
         }
         _check_keys(roles, cls.ROLE_KEYS, f"{where} [roles]")
-        for k in LABELLER_OPTIONS:
+        for k in NUMBER_OPTIONS:
             if k in roles and (isinstance(roles[k], bool) or not isinstance(roles[k], (int, float))):
                 raise ValueError(f"{where} [roles]: {k} must be a number, got {roles[k]!r}")
+        for k in NAME_OPTIONS:
+            if k in roles and not isinstance(roles[k], str):
+                raise ValueError(f"{where} [roles]: {k} must be a string, got {roles[k]!r}")
+        try:  # bad values fail here, not in the middle of the sweep
+            check_options("visual_dependency", labeller_options("visual_dependency", roles))
+        except ValueError as e:
+            raise ValueError(f"{where} [roles]: {e}") from None
         readouts = {"teacher_forced": True, "free_running": True, **raw.get("readouts", {})}
         _check_keys(readouts, cls.READOUT_KEYS, f"{where} [readouts]")
         grids_raw = raw.get("grid")
@@ -284,7 +312,7 @@ class SweepConfig:
         from ..tracing import TraceConfig
 
         layers = self.roles["layers"]
-        layers = None if layers == "last" else layers
+        layers = parse_layer_choice(layers) if isinstance(layers, str) else layers
         return TraceConfig(layers=layers, text_span=self.roles["text_span"])
 
 
@@ -357,9 +385,12 @@ def _heads(spec, num_heads: int) -> list[tuple[int, ...] | None]:
         return [None]
     if spec == "each":
         return [(h,) for h in range(num_heads)]
-    heads = tuple(sorted({int(h) for h in _as_list(spec)}))
+    try:
+        heads = tuple(sorted({int(h) for h in _as_list(spec)}))
+    except (TypeError, ValueError):
+        raise ValueError(f"bad head selection {spec!r}; use all, each, N or a list of ints") from None
     if any(h < 0 or h >= num_heads for h in heads):
-        raise ValueError(f"heads {spec} out of range for {num_heads} heads")
+        raise ValueError(f"heads {spec} out of range: the model has {num_heads} heads (0 to {num_heads - 1})")
     return [heads]
 
 
@@ -370,10 +401,14 @@ def _needs_roles(target: str) -> bool:
 def expand_conditions(config: SweepConfig, num_layers: int, num_heads: int) -> list[Condition]:
     """Every condition of the sweep, in a fixed order (slices, grids, then the grid's axes), without duplicates."""
     out: dict[str, Condition] = {}
+    where = config.path or "sweep"
     for sl in config.slices:
-        for g in config.grids:
-            windows = [w for spec in g.layers for w in parse_layers(spec, num_layers)]
-            heads = [h for spec in g.heads for h in _heads(spec, num_heads)]
+        for k, g in enumerate(config.grids):
+            try:
+                windows = [w for spec in g.layers for w in parse_layers(spec, num_layers)]
+                heads = [h for spec in g.heads for h in _heads(spec, num_heads)]
+            except ValueError as e:
+                raise ValueError(f"{where} grid {k}: {e}") from None
             if g.patch == "image_states":
                 axes = [("", math.nan, "", "", w, None) for w in windows]
             elif g.patch == "attention_output":

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..completions import forward_inputs
+from ..layers import resolve_indices
 from ..spans import image_positions, image_token_id_of
 from ..tracing.attention import _text_decoder, attention_hooks, attention_layers
-from .attention import _forward_inputs
 
 __all__ = [
     "Recording",
@@ -67,11 +68,7 @@ class Recording:
 def _resolve(layers: Sequence[int] | int | None, num_layers: int) -> list[int]:
     if layers is None:
         return list(range(num_layers))
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    out = sorted({int(i) + num_layers if int(i) < 0 else int(i) for i in layers})
-    if out and (out[0] < 0 or out[-1] >= num_layers):
-        raise ValueError(f"layers {layers} out of range for {num_layers} layers")
-    return out
+    return list(resolve_indices(layers, num_layers, allow_empty=True))
 
 
 class _ImageColumns:
@@ -84,7 +81,7 @@ class _ImageColumns:
         self.prefill = False
 
     def __call__(self, module, args, kwargs):
-        input_ids, attention_mask, past = _forward_inputs(args, kwargs)
+        input_ids, attention_mask, past = forward_inputs(args, kwargs)
         self.prefill = input_ids is not None and past == 0
         if self.prefill:
             valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask

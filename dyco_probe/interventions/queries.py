@@ -4,7 +4,7 @@ Selections are `[B, T]` bool masks over completion tokens, indexed like a `Trace
 (0-based) is `o_{t+1}`. **An intervention on token `t` acts on the query whose logits produce
 `o_{t+1}`**, i.e. the query in the column of `o_t` (for `t = 0` the last prompt position): column
 `L - 1 + t` when the prompt batch is padded to `L` columns. That is the same query whose attention
-row the tracer records as `a_{t+1}` (SPEC §2), so a role computed from a trace and an intervention on
+row the tracer records as `a_{t+1}` (docs/method.md#attention-signals), so a role computed from a trace and an intervention on
 that token concern the same attention row. The intervened query's output changes the residual stream
 at its column, hence (through keys and values) every later column too; it does not change `o_{t+1}`
 itself in a teacher-forced run, only its probability.

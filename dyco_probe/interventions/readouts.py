@@ -1,4 +1,4 @@
-"""Reading out an intervention's effect, teacher-forced or free-running (SPEC §8).
+"""Reading out an intervention's effect, teacher-forced or free-running (docs/method.md#interventions).
 
 Layout: the prompt batch is left-padded to `L` columns and completions are right-padded after it
 (the layout of `generate` and of `trace_offline`), so completion token `t` sits in column `L + t`
@@ -18,6 +18,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..completions import (
+    _gather,
+    completion_mask,
+    eos_token_ids,
+    pad_token_id,
+    placeholder_ids,
+    sample,
+    teacher_forced_inputs,
+    token_logprobs,
+)
 from .attention import intervene
 from .spec import Intervention
 
@@ -34,104 +44,16 @@ __all__ = [
 _COLUMN_KEYS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
 
 
-def placeholder_ids(model) -> list[int]:
-    """Image / video placeholder and vision marker ids from the config: generation must not emit them
-    (a teacher-forced forward would read them as images)."""
-    config = model.config
-    names = (
-        "image_token_id",
-        "image_token_index",
-        "video_token_id",
-        "vision_start_token_id",
-        "vision_end_token_id",
-        "video_token_index",  # LLaVA-OneVision
-        "boi_token_index",  # Gemma 3's image start / end markers
-        "eoi_token_index",
-    )
-    return sorted({int(v) for v in (getattr(config, n, None) for n in names) if isinstance(v, int)})
-
-
-def _eos_ids(model) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = model.config.get_text_config().eos_token_id
-    if eos is None:
-        return []
-    return [int(eos)] if isinstance(eos, int) else [int(x) for x in eos]
-
-
-def _pad_id(model) -> int:
-    pad = getattr(model.generation_config, "pad_token_id", None)
-    if pad is None:
-        pad = model.config.get_text_config().pad_token_id
-    return int(pad) if pad is not None else 0
-
-
 def completion_mask_from_eos(ids: Tensor, eos_ids) -> Tensor:
-    """True up to and including the first EOS of each row."""
-    if not eos_ids or ids.shape[1] == 0:
-        return torch.ones_like(ids, dtype=torch.bool)
-    is_eos = torch.isin(ids, torch.tensor(list(eos_ids), device=ids.device)).long()
-    return (is_eos.cumsum(-1) - is_eos) == 0
+    """True up to and including the first EOS of each row (`dyco_probe.completions.completion_mask`)."""
+    return completion_mask(ids, eos_ids)
 
 
 def generate_greedy(model, inputs: dict, max_new_tokens: int) -> tuple[Tensor, Tensor]:
     """Greedy completions of a prompt batch without placeholder ids: `(ids [B, T], mask [B, T])`,
     the mask True up to and including the first EOS (T trimmed to the longest)."""
-    suppress = sorted(set(placeholder_ids(model)) | set(model.generation_config.suppress_tokens or []))
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=_pad_id(model),
-            suppress_tokens=suppress or None,
-        )
-    ids = out[:, inputs["input_ids"].shape[1] :]
-    mask = completion_mask_from_eos(ids, _eos_ids(model))
-    length = int(mask.sum(-1).max()) if ids.numel() else 0
-    return ids[:, :length], mask[:, :length]
-
-
-def teacher_forced_inputs(
-    model, prompt_inputs: dict, completion_ids: Tensor, completion_mask: Tensor
-) -> dict:
-    """Model inputs for `prompt ++ completion` (prompt left-padded, completion right-padded after it),
-    with the position ids `generate` would use (Qwen: 3-D mRoPE)."""
-    prompt_ids = prompt_inputs["input_ids"]
-    completion_ids = completion_ids.to(prompt_ids.device)
-    prompt_mask = prompt_inputs.get("attention_mask")
-    if prompt_mask is None:
-        prompt_mask = torch.ones_like(prompt_ids)
-    skip = ("input_ids", "attention_mask", "position_ids", "completion_mask", "prompt_lengths")
-    inputs = {k: v for k, v in prompt_inputs.items() if k not in skip}
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    mask = completion_mask.to(device=prompt_mask.device, dtype=prompt_mask.dtype)
-    inputs["attention_mask"] = torch.cat([prompt_mask, mask], dim=1)
-    for key in ("mm_token_type_ids", "token_type_ids"):
-        if inputs.get(key) is not None:
-            v = inputs[key]
-            inputs[key] = torch.cat([v, torch.zeros_like(completion_ids, dtype=v.dtype)], dim=1)
-    prepare = getattr(model, "_prepare_position_ids_for_generation", None)
-    if prepare is not None:
-        position_ids = prepare(input_ids, dict(inputs))
-        if position_ids is not None:
-            inputs["position_ids"] = position_ids
-    inputs["input_ids"] = input_ids
-    return inputs
-
-
-@torch.no_grad()
-def token_logprobs(model, inputs: dict, completion_ids: Tensor) -> Tensor:
-    """`[B, T]` float32: `log p(o_{t+1} | prefix)` of each completion token of a `teacher_forced_inputs`
-    batch (completion = the last `T` columns)."""
-    t = completion_ids.shape[1]
-    logits = model(**inputs, use_cache=False, logits_to_keep=t + 1).logits[:, :t].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(-1, completion_ids.to(logp.device)[..., None])[..., 0]
+    sampled = sample(model, inputs, max_new_tokens=max_new_tokens)
+    return sampled.ids, sampled.mask
 
 
 @torch.no_grad()
@@ -164,8 +86,7 @@ def token_logprobs_from_prefix(model, inputs: dict, completion_ids: Tensor, cach
         out = model(**new, cache=cache, use_cache=True, logits_to_keep=t + 1)
     finally:
         cache.crop(length - cache.get_seq_length())  # a negative count: the tokens to drop
-    logp = torch.log_softmax(out.logits[:, :t].float(), dim=-1)
-    return logp.gather(-1, completion_ids.to(logp.device)[..., None])[..., 0]
+    return _gather(out.logits[:, :t], completion_ids)
 
 
 def _repad(prompt_inputs: dict, extra: list[Tensor], pad_id: int) -> tuple[dict, int]:
@@ -217,7 +138,7 @@ def regenerate(
     prefix = prefix_lengths.long().cpu()
     b = completion_ids.shape[0]
     extra = [completion_ids[i, : int(prefix[i])] for i in range(b)]
-    inputs, width = _repad(prompt_inputs, extra, _pad_id(model))
+    inputs, width = _repad(prompt_inputs, extra, pad_token_id(model))
     budget = max_new_tokens - int(prefix.min()) if b else 0
     if budget <= 0:
         raise ValueError("prefix_lengths leave no token to generate within max_new_tokens")
@@ -230,7 +151,9 @@ def regenerate(
             toks = sel[i].nonzero().flatten()
             toks = toks[toks >= int(prefix[i])]
             queries[i, width - 1 - int(prefix[i]) + toks] = True
-        context = intervene(model, spec, queries, completion_start=(width - prefix))
+        # the prompt's columns moved by the re-padding: `positions` keys follow them
+        offset = width - prompt_inputs["input_ids"].shape[1] - prefix
+        context = intervene(model, spec, queries, completion_start=(width - prefix), key_column_offset=offset)
     if context is None:
         new, _ = generate_greedy(model, inputs, budget)
     else:
@@ -241,11 +164,11 @@ def regenerate(
         keep = max(0, max_new_tokens - int(prefix[i]))
         rows.append(torch.cat([extra[i].to(new.device), new[i, :keep]]))
     length = max(len(r) for r in rows)
-    pad = _pad_id(model)
+    pad = pad_token_id(model)
     ids = torch.full((b, length), pad, dtype=completion_ids.dtype, device=new.device)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
-    mask = completion_mask_from_eos(ids, _eos_ids(model))
+    mask = completion_mask(ids, eos_token_ids(model))
     lengths = torch.tensor([len(r) for r in rows], device=ids.device)
     mask &= torch.arange(length, device=ids.device)[None, :] < lengths[:, None]
     return ids, mask

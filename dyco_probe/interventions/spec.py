@@ -1,4 +1,4 @@
-"""What an intervention changes (SPEC §8): attention logits of chosen layers, heads and key spans.
+"""What an intervention changes (docs/method.md#interventions): attention logits of chosen layers, heads and key spans.
 
 An `Intervention` says *what* to do at every query it is applied to; *which* queries is a separate
 choice (`dyco_probe.interventions.queries`), so one spec runs against a target and its controls.
@@ -13,8 +13,8 @@ included, like `input_ids`; `c0` is the sample's first completion column):
 
 | keys | columns |
 | --- | --- |
-| `image` | the image placeholder tokens (`I`, SPEC §1) |
-| `text` | `X(q)` of SPEC §1 (`text_span` convention), `q` itself included: what `r_txt` measures |
+| `image` | the image placeholder tokens (`I`, docs/method.md#sequences-and-spans) |
+| `text` | `X(q)` of docs/method.md#sequences-and-spans (`text_span` convention), `q` itself included: what `r_txt` measures |
 | `text_history` | `X(q)` without `q`: the text the query reads, not itself |
 | `question` | `X(q)` restricted to the prompt (columns `< c0`) |
 | `completion` | completion columns `c0 .. q` (the chain of thought so far, `q` included) |
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..layers import resolve_indices
 from ..spans import TEXT_SPANS, Spans
 
 __all__ = [
@@ -61,7 +62,7 @@ class Intervention:
         layers: text-decoder layers (negative count from the end); None = all (in hybrid models,
             Qwen3.5, every softmax-attention layer: linear-attention layers cannot be biased).
         heads: query heads; None = all.
-        text_span: `"post_image"` (default) or `"all_text"`, for the text-based key spans (SPEC §1).
+        text_span: `"post_image"` (default) or `"all_text"`, for the text-based key spans (docs/method.md#sequences-and-spans).
         key_columns: the columns of `keys="positions"`.
     """
 
@@ -116,10 +117,7 @@ class Intervention:
         """The layer indices, sorted and non-negative (all layers when `layers` is None)."""
         if self.layers is None:
             return tuple(range(num_layers))
-        out = sorted({i + num_layers if i < 0 else i for i in self.layers})
-        if out and (out[0] < 0 or out[-1] >= num_layers):
-            raise ValueError(f"layers {self.layers} out of range for {num_layers} layers")
-        return tuple(out)
+        return resolve_indices(self.layers, num_layers, allow_empty=True)
 
     def label(self) -> str:
         """A short human-readable name, e.g. `knockout image L0-1 H*`."""
@@ -157,10 +155,7 @@ def parse_layers(spec, num_layers: int) -> list[tuple[int, ...]]:
     - an int, `"3"`, `"-1"`: one layer; `"1-3"`: layers 1 to 3; a list of ints: those layers.
     """
     if isinstance(spec, (list, tuple)):
-        layers = sorted({int(i) + num_layers if int(i) < 0 else int(i) for i in spec})
-        if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-            raise ValueError(f"layers {spec} out of range for {num_layers} layers")
-        return [tuple(layers)]
+        return [resolve_indices(spec, num_layers)]
     if isinstance(spec, int):
         return parse_layers([spec], num_layers)
     text = str(spec).strip()
@@ -175,15 +170,19 @@ def parse_layers(spec, num_layers: int) -> list[tuple[int, ...]]:
         except (ValueError, IndexError) as e:
             raise ValueError(f"bad layer window {spec!r}; write window:K or window:K:S") from e
         return layer_windows(num_layers, size, stride)
-    if "-" in text[1:]:
-        a, b = text[0] + text[1:].split("-", 1)[0], text[1:].split("-", 1)[1]
-        return parse_layers(list(range(int(a), int(b) + 1)), num_layers)
     try:
-        return parse_layers([int(text)], num_layers)
-    except ValueError as e:
+        if "-" in text[1:]:
+            a, b = text[0] + text[1:].split("-", 1)[0], text[1:].split("-", 1)[1]
+            layers = list(range(int(a), int(b) + 1))
+        else:
+            layers = [int(text)]
+    except ValueError:
         raise ValueError(
             f"bad layer selection {spec!r}; use all, each, window:K[:S], N, A-B or a list"
-        ) from e
+        ) from None
+    if not layers:
+        raise ValueError(f"layer range {spec!r} is empty (write A-B with A <= B)")
+    return parse_layers(layers, num_layers)
 
 
 def layers_label(layers: tuple[int, ...], num_layers: int) -> str:
@@ -202,27 +201,44 @@ class KeyLayout:
         valid: `[B, C]` bool, non-padding columns (columns past `C` count as valid).
         last_image: `[B]` long, last image column of each sample (-1 without image).
         completion_start: `[B]` long, each sample's first completion column.
+        column_offset: `[B]` long, added to the `positions` key columns of each sample: where a
+            batch was re-padded after its prompt was encoded (free-running regeneration), the
+            prompt's column `c` of sample `i` is now `c + column_offset[i]`.
     """
 
     image: Tensor
     valid: Tensor
     last_image: Tensor
     completion_start: Tensor
+    column_offset: Tensor | None = None
 
     @classmethod
-    def from_spans(cls, spans: Spans, completion_start: Tensor | int | None = None) -> KeyLayout:
+    def from_spans(
+        cls, spans: Spans, completion_start: Tensor | int | None = None, column_offset=None
+    ) -> KeyLayout:
         """From prompt spans; completion starts at the padded prompt length unless given."""
-        return cls.build(spans.image, spans.valid, completion_start)
+        return cls.build(spans.image, spans.valid, completion_start, column_offset)
 
     @classmethod
-    def build(cls, image: Tensor, valid: Tensor, completion_start: Tensor | int | None = None) -> KeyLayout:
+    def build(
+        cls, image: Tensor, valid: Tensor, completion_start: Tensor | int | None = None, column_offset=None
+    ) -> KeyLayout:
         b, c = image.shape
         cols = torch.arange(c, device=image.device)
         last = torch.where(image, cols, torch.full_like(cols, -1)).amax(-1) if c else image.new_full((b,), -1)
         if completion_start is None:
             completion_start = c
         start = torch.as_tensor(completion_start, dtype=torch.long, device=image.device).expand(b).clone()
-        return cls(image=image.bool(), valid=valid.bool(), last_image=last.long(), completion_start=start)
+        offset = None
+        if column_offset is not None:
+            offset = torch.as_tensor(column_offset, dtype=torch.long, device=image.device).expand(b).clone()
+        return cls(
+            image=image.bool(),
+            valid=valid.bool(),
+            last_image=last.long(),
+            completion_start=start,
+            column_offset=offset,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -250,6 +266,10 @@ class KeyLayout:
         if keys == "image":
             return self._fit(self.image, num_keys, False)[:, None, :]
         if keys == "positions":
+            if self.column_offset is not None:
+                wanted = torch.tensor(key_columns, dtype=torch.long, device=device)
+                shifted = wanted[None, :] + self.column_offset.to(device)[:, None]  # [B, n]
+                return (cols[None, :, None] == shifted[:, None, :]).any(-1)[:, None, :]
             chosen = torch.zeros(num_keys, dtype=torch.bool, device=device)
             inside = [c for c in key_columns if c < num_keys]
             if inside:

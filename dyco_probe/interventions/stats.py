@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = [
+    "READOUT_LABELS",
+    "ROLE_SOURCE_LABELS",
     "PairedComparison",
     "bootstrap_ci",
     "cohens_d",
@@ -22,6 +24,14 @@ __all__ = [
     "paired_comparison",
     "summarize",
 ]
+
+# How tables, figures and the report name the readouts and the sources of the token roles.
+READOUT_LABELS = {
+    "dacc": "Δ accuracy (free-running)",
+    "dlogp_answer": "Δ log p(gold answer) (teacher-forced)",
+    "dlogp_target": "Δ log p(intervened token) (teacher-forced)",
+}
+ROLE_SOURCE_LABELS = {"ground_truth": "ground-truth roles", "fisher_rao": "Fisher–Rao roles"}
 
 
 def _clean(values) -> np.ndarray:

@@ -18,9 +18,10 @@ most the units that were in flight and never duplicates a row; `merge` also drop
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
+
+from ..files import atomic_path, write_bytes_atomic
 
 __all__ = ["ResultStore"]
 
@@ -28,15 +29,12 @@ KEY = ("condition_id", "item_index")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
 
 
 def _write_parquet(frame, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}.partial")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def _visible(paths) -> list[Path]:
@@ -63,9 +61,9 @@ class ResultStore:
 
     # -- manifest ------------------------------------------------------------------------------
 
-    def check_manifest(self, identity: dict) -> None:
-        """Write the manifest, or check that an existing one matches `identity` (ValueError if not)."""
-        self.out.mkdir(parents=True, exist_ok=True)
+    def check_manifest(self, identity: dict, write: bool = True) -> None:
+        """Check that an existing manifest matches `identity` (ValueError if not), else write it
+        (unless `write` is False: a check before anything is written)."""
         path = self.out / "manifest.json"
         blob = json.loads(json.dumps(identity, sort_keys=True, default=str))
         if path.exists():
@@ -77,7 +75,8 @@ class ResultStore:
                     "use another output directory or remove it"
                 )
             return
-        _atomic_write_bytes(path, (json.dumps(blob, indent=2, sort_keys=True) + "\n").encode())
+        if write:
+            _atomic_write_bytes(path, (json.dumps(blob, indent=2, sort_keys=True) + "\n").encode())
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -118,9 +117,10 @@ class ResultStore:
 
     def clean_temporary(self) -> None:
         """Remove temporary files a killed run of this process left behind."""
-        for d in (self.own, self.parts):
+        patterns = [(self.own, ".*.partial"), (self.parts, f".part-{self.rank:03d}.parquet.*.partial")]
+        for d, pattern in patterns:
             if d.exists():
-                for p in d.glob(".tmp-*"):
+                for p in d.glob(pattern):
                     p.unlink(missing_ok=True)
 
     def compact(self) -> Path | None:

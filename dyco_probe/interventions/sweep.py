@@ -98,6 +98,9 @@ def load_sweep_model(config: SweepConfig):
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     if m["source"] == "untrained":
         from ..models.adapters import QWEN2_5_VL
+        from ..models.loading import check_device
+
+        check_device(device)
         from ..models.builtin import BuiltinArchitecture, build_untrained
         from ..models.loading import ModelHandle
 
@@ -319,8 +322,7 @@ def run_sweep(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} out of range for world size {world_size}")
     store = ResultStore(out or config.out, rank, world_size)
-    store.check_manifest(config.identity())
-    store.clean_temporary()
+    store.check_manifest(config.identity(), write=False)  # a different setup fails before any work
     started = time.perf_counter()
     handle = handle if handle is not None else load_sweep_model(config)
     examples = sweep_examples(config)
@@ -328,6 +330,9 @@ def run_sweep(
     num_heads = int(handle.model.config.get_text_config().num_attention_heads)
     conditions = expand_conditions(config, num_layers, num_heads)
     mine = [c for k, c in enumerate(conditions) if k % world_size == rank]
+    store.out.mkdir(parents=True, exist_ok=True)  # everything checked: now the directory is written
+    store.check_manifest(config.identity())
+    store.clean_temporary()
     done = store.done(retry_failed=retry_failed)
     slices = {s.name: s for s in config.slices}
     todo: dict[str, set[int]] = {}

@@ -8,7 +8,8 @@ labeller of `dyco_probe.labellers` (`get_labeller`):
 - `"ground_truth"`: the synthetic task's word roles (`dyco_probe.task.alignment`), no forward pass;
 - every other labeller (`"fisher_rao"`, `"ratio_threshold"`, `"hellinger"`, ...) runs on a
   teacher-forced trace of the trajectory (`trace_offline`, one per distance: the labellers named
-  after a distance need a trace measured with it).
+  after a distance need a trace measured with it); `"visual_dependency"` also runs the model on the
+  trajectory with the real and a counterfactual image (it gets the handle).
 
 Then `teacher_forced(spec, selection)` and `free_running(spec, selection)` give per-sample effects.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..completions import eos_token_ids, pad_token_id
 from ..distances import DISTANCES
 from ..labellers import LABELLERS, get_labeller
 from ..rewards import answers_match, extract_answer
@@ -32,8 +34,6 @@ from ..task.alignment import token_char_spans
 from .attention import intervene
 from .queries import ground_truth_roles, token_columns
 from .readouts import (
-    _eos_ids,
-    _pad_id,
     generate_greedy,
     prefix_cache,
     regenerate,
@@ -153,7 +153,11 @@ class Trajectories:
                 )
             else:
                 roles = get_labeller(source)(
-                    self.trace(source), examples=self.examples, tokenizer=self.handle.tokenizer, **options
+                    self.trace(source),
+                    examples=self.examples,
+                    tokenizer=self.handle.tokenizer,
+                    handle=self.handle,
+                    **options,
                 )
             self.roles_cache[key] = roles.cpu()
         return self.roles_cache[key]
@@ -390,7 +394,7 @@ def prepare_trajectories(
         trajectory: `"greedy"` (the model's own greedy completion) or `"gold"` (`example.completion`
             followed by EOS).
         max_new_tokens: generation budget (greedy trajectories and free-running readouts).
-        trace_config: `TraceConfig` of the traces that role labellers read (default: SPEC defaults).
+        trace_config: `TraceConfig` of the traces that role labellers read (default: the defaults of docs/method.md).
     """
     if trajectory not in TRAJECTORIES:
         raise ValueError(f"unknown trajectory {trajectory!r}; valid: {', '.join(TRAJECTORIES)}")
@@ -408,9 +412,9 @@ def prepare_trajectories(
         for ex in examples:
             if not ex.completion:
                 raise ValueError(f"example {ex.id!r} has no gold completion (trajectory='gold')")
-            rows.append(tok(ex.completion, add_special_tokens=False)["input_ids"] + _eos_ids(model)[:1])
+            rows.append(tok(ex.completion, add_special_tokens=False)["input_ids"] + eos_token_ids(model)[:1])
         length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), _pad_id(model), dtype=torch.long)
+        ids = torch.full((len(rows), length), pad_token_id(model), dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.bool)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)

@@ -1,5 +1,5 @@
 """One small adapter per model family: how prompts with images are written and encoded, and which
-token marks an image position. Span finding itself (SPEC §1) lives in ``dyco_probe.spans``."""
+token marks an image position. Span finding itself (docs/method.md#sequences-and-spans) lives in ``dyco_probe.spans``."""
 
 from __future__ import annotations
 

@@ -77,15 +77,21 @@ class ModelHandle:
         return batch.to(self.device)
 
 
-def _resolve(source: str | os.PathLike) -> Path:
+def checkpoint_dir(source: str | os.PathLike) -> Path:
+    """The directory of ``"builtin"`` or a checkpoint path (not checked: see ``resolve_checkpoint``)."""
+    return BUILTIN_DIR if str(source) == "builtin" else Path(source).expanduser()
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """The directory of ``"builtin"`` or a local checkpoint; a ``CheckpointError`` says what is wrong
+    when it does not hold a transformers checkpoint."""
+    path = checkpoint_dir(source)
     if str(source) == "builtin":
-        path = BUILTIN_DIR
         if not (path / "config.json").exists():
             raise CheckpointError(
                 f"the built-in checkpoint is missing from {path}; rebuild it with `dyco-probe pretrain --out {path}`"
             )
         return path
-    path = Path(source).expanduser()
     if not path.is_dir():
         raise CheckpointError(
             f"{source!r} is not a local checkpoint directory (dyco_probe never downloads: pass 'builtin' or a path)"
@@ -95,13 +101,48 @@ def _resolve(source: str | os.PathLike) -> Path:
     return path
 
 
+def check_device(device: str | None) -> None:
+    """Raise a `ValueError` saying why, unless `device` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``,
+    or ``None`` for the CPU) can be used on this machine."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"device {device!r} is not a device torch knows (e.g. cpu, cuda, cuda:1): {e}"
+        ) from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"device {device!r}: CUDA is not available here ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: Apple's MPS backend is not available here; use --device cpu")
+
+
 def weights_sha256(source: str | os.PathLike) -> str | None:
     """Hex sha256 of a checkpoint's ``model.safetensors`` (``"builtin"`` or a directory), to tell
     trained versions apart in caches and reports; ``None`` when there is no such file."""
     import hashlib
 
-    path = (BUILTIN_DIR if str(source) == "builtin" else Path(source).expanduser()) / "model.safetensors"
+    path = checkpoint_dir(source) / "model.safetensors"
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def weights_digest(source: str | os.PathLike, length: int = 12, missing: str = "unknown") -> str:
+    """The first ``length`` hex digits of ``weights_sha256`` (``missing`` without weights): what
+    cache folders and write-ups name a checkpoint's weights by."""
+    digest = weights_sha256(source)
+    return missing if digest is None else digest[:length]
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """The tokenizer of ``"builtin"`` or a local checkpoint directory (no model is loaded)."""
+    return _load_tokenizer(checkpoint_dir(source))
 
 
 def _load_tokenizer(path: Path):
@@ -176,7 +217,8 @@ def load(
     import transformers
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = _resolve(source)
+    check_device(device)
+    path = resolve_checkpoint(source)
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -139,7 +139,7 @@ def note_attention_rows(handle, problems: Sequence[Problem], completion_ids, *, 
     (token ids, one list per problem; ``T`` is the longest)."""
     import torch
 
-    from dyco_probe.batching import model_inputs, teacher_forced_batch
+    from dyco_probe.completions import model_inputs, packed_batch
     from dyco_probe.pretrain import forward_with_last_layer_attention, prompt_for
     from dyco_probe.task.problems import NOTE
 
@@ -149,7 +149,7 @@ def note_attention_rows(handle, problems: Sequence[Problem], completion_ids, *, 
     with torch.no_grad():
         for lo in range(0, len(problems), batch_size):
             chunk = range(lo, min(lo + batch_size, len(problems)))
-            batch = teacher_forced_batch(
+            batch = packed_batch(
                 handle,
                 [prompt_for(handle, problems[i]) for i in chunk],
                 [[problems[i].render()] for i in chunk],

@@ -11,7 +11,7 @@ and the chain of thought alternates between reading the image and reasoning over
     <think> triangle is red ; red = 3 ; square is blue ; blue = 1 ; 3 + 1 = 4 ;
     circle is green ; green = 7 ; 4 - 7 = -3 </think> <answer> -3 </answer>
 
-Every word of a chain of thought has a known role (SPEC glossary: the ground truth labeller):
+Every word of a chain of thought has a known role (docs/method.md#token-roles: the ground truth labeller):
 
 - ``visual``: a value read from the image (``red`` in ``triangle is red``); its relevant image token is
   the cell of the named object;
@@ -98,7 +98,9 @@ class TaskConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lookup_verb == NOTE:
-            raise ValueError(f"lookup_verb cannot be {NOTE!r}: that word marks a look-up copied from the note")
+            raise ValueError(
+                f"lookup_verb cannot be {NOTE!r}: that word marks a look-up copied from the note"
+            )
         if self.distinct_values and self.max_value - self.min_value + 1 < max(self.n_shapes, self.n_colours):
             raise ValueError(
                 f"distinct_values needs at least {max(self.n_shapes, self.n_colours)} values, "

@@ -1,4 +1,4 @@
-"""Per-token cross-modal attention tracing (SPEC §1-3).
+"""Per-token cross-modal attention tracing (docs/method.md#sequences-and-spans, #attention-signals, #modality-dynamics).
 
     from dyco_probe.tracing import TraceConfig, trace_generate, trace_offline, Tracer
 

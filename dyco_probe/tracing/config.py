@@ -1,10 +1,11 @@
-"""Tracer settings, defaults from SPEC §1-3 and the paper's code."""
+"""Tracer settings, defaults from docs/method.md#sequences-and-spans, #attention-signals, #modality-dynamics and the paper's code."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from ..distances import DISTANCES
+from ..layers import resolve_indices
 from ..spans import TEXT_SPANS
 
 __all__ = ["TraceConfig"]
@@ -20,7 +21,7 @@ class TraceConfig:
             softmax-attention layer; a linear-attention layer has no row and asking for it raises.
         heads: probed query heads (`None` = all); rows are averaged over them, then over layers.
         per_layer: also keep each probed layer's signals (`trace.per_layer`), besides their mean.
-        text_span: `"post_image"` (default) or `"all_text"` (SPEC §1).
+        text_span: `"post_image"` (default) or `"all_text"` (docs/method.md#sequences-and-spans).
         distance: distance for `v_vis`, `v_txt` (`"fisher_rao"` default; see `dyco_probe.distances`).
         image_rows: keep each token's attention row over the image tokens (heat-maps), `[B, T, N_img]`.
         on_missing_image: a prompt without image tokens raises (`"error"`) or is traced with
@@ -57,19 +58,13 @@ class TraceConfig:
             return (num_layers - 1,)
         if self.layers == "all":
             return tuple(range(num_layers))
-        out = sorted({i + num_layers if i < 0 else i for i in self.layers})
-        if not out or out[0] < 0 or out[-1] >= num_layers:
-            raise ValueError(f"layers {self.layers} out of range for {num_layers} layers")
-        return tuple(out)
+        return resolve_indices(self.layers, num_layers)
 
     def resolve_heads(self, num_heads: int) -> tuple[int, ...] | None:
         """Probed head indices, or None for all."""
         if self.heads is None:
             return None
-        out = sorted({h + num_heads if h < 0 else h for h in self.heads})
-        if not out or out[0] < 0 or out[-1] >= num_heads:
-            raise ValueError(f"heads {self.heads} out of range for {num_heads} heads")
-        return tuple(out)
+        return resolve_indices(self.heads, num_heads, what="heads")
 
     def to_dict(self) -> dict:
         d = asdict(self)

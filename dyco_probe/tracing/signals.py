@@ -1,4 +1,4 @@
-"""From attention rows to the per-token signals of SPEC §2-3, processed a block of steps at a time.
+"""From attention rows to the per-token signals of docs/method.md#attention-signals, #modality-dynamics, processed a block of steps at a time.
 
 Every backend and both modes (online during `generate`, offline teacher-forced) feed the same
 `StepSignals`, so they produce the same numbers: online one `[B, G, K]` row per step (`step`, which

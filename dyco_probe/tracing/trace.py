@@ -8,7 +8,7 @@
     trace.to_pandas()        # one row per sample x token (x layer)
     trace.save("x.parquet"); Trace.load("x.parquet")
 
-Token `t` (0-based) is `o_{t+1}` of SPEC §1; `v_vis`, `v_txt` at `t = 0` are 0 (no previous step; roles
+Token `t` (0-based) is `o_{t+1}` of docs/method.md#sequences-and-spans; `v_vis`, `v_txt` at `t = 0` are 0 (no previous step; roles
 start at the second token). Values at masked tokens are meaningless and kept only for the layout.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -52,7 +53,7 @@ class Trace:
     Attributes:
         token_ids: `[B, T]` long, the completion tokens `o_1..o_T` (pad after the end).
         mask: `[B, T]` bool, True for real tokens.
-        r_vis, r_txt, r_vis_norm, r_txt_norm, v_vis, v_txt: `[B, T]` float32 (SPEC §2-3), averaged over
+        r_vis, r_txt, r_vis_norm, r_txt_norm, v_vis, v_txt: `[B, T]` float32 (docs/method.md#attention-signals, #modality-dynamics), averaged over
             the probed heads and layers.
         token_text: per sample, per token text (when a tokenizer was given), else None.
         layers: probed layers (indices into the text decoder).
@@ -159,10 +160,13 @@ class Trace:
 
     # -- downstream --------------------------------------------------------------------------
 
-    def roles(self, tau_vis: float = 0.0, tau_txt: float = 0.05) -> Tensor:
-        """Token roles (SPEC §4) from `v_vis`, `v_txt`: `[B, T]` long `dyco_probe.roles.Role` values."""
-        from ..roles import label_roles
+    def roles(self, tau_vis: float | None = None, tau_txt: float | None = None) -> Tensor:
+        """Token roles (docs/method.md#token-roles) from `v_vis`, `v_txt`: `[B, T]` long `dyco_probe.roles.Role`
+        values, with the published thresholds unless given."""
+        from ..roles import TAU_TXT, TAU_VIS, label_roles
 
+        tau_vis = TAU_VIS if tau_vis is None else tau_vis
+        tau_txt = TAU_TXT if tau_txt is None else tau_txt
         return label_roles(self.v_vis, self.v_txt, self.mask, tau_vis=tau_vis, tau_txt=tau_txt)
 
     def score(self, config=None) -> dict[str, Tensor]:
@@ -218,9 +222,14 @@ class Trace:
     def save(self, path) -> None:
         """Write a parquet file: one row per sample x token (all tokens, masked ones included) with
         the signals, per-layer signals and image rows as list columns, and the sample table, layers
-        and metadata in the file's key-value metadata."""
+        and metadata in the file's key-value metadata.
+
+        Missing parent folders are created. The file is written under a temporary name and renamed
+        when complete, so `path` never holds a partial trace (`dyco_probe.files.atomic_path`)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
+
+        from ..files import atomic_path
 
         b, t = self.token_ids.shape
         columns = {
@@ -249,14 +258,21 @@ class Trace:
         }
         meta = dict(table.schema.metadata or {})
         meta[b"dyco_probe"] = json.dumps(extra, default=str).encode()
-        pq.write_table(table.replace_schema_metadata(meta), str(path))
+        with atomic_path(path) as tmp:
+            pq.write_table(table.replace_schema_metadata(meta), str(tmp))
 
     @classmethod
     def load(cls, path) -> Trace:
-        """Read a trace written by `save`."""
+        """Read a trace written by `save`; a missing or unreadable file is an error naming it."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(str(path))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such trace file")
+        try:
+            table = pq.read_table(str(path))
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path} is not a readable parquet trace: {e}") from e
         raw = (table.schema.metadata or {}).get(b"dyco_probe")
         if raw is None:
             raise ValueError(f"{path} is not a dyco_probe trace (no 'dyco_probe' metadata)")

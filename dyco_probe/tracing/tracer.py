@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..completions import completion_mask as eos_mask
+from ..completions import eos_token_ids, forward_inputs, generation_position_ids, teacher_forced_inputs
 from ..spans import Spans, image_token_id_of, spans_for_model
 from .attention import _text_decoder, attention_hooks, attention_layers, check_attention_layers
 from .backends import head_mean
@@ -42,31 +44,11 @@ def _check_inputs(model, inputs: dict) -> None:
         )
 
 
-def _eos_ids(model, eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        gen = getattr(model, "generation_config", None)
-        eos_token_id = getattr(gen, "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(model.config.get_text_config(), "eos_token_id", None)
-    if eos_token_id is None:
-        return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(x) for x in eos_token_id]
-
-
 def _sample_name(i: int, sample_ids: Sequence | None) -> str:
     """How errors name a sample: its row, and its id when the caller gave ids."""
     if sample_ids is None or i >= len(sample_ids):
         return f"sample {i}"
     return f"sample {i} (id {sample_ids[i]!r})"
-
-
-def _completion_mask(token_ids: Tensor, eos: list[int]) -> Tensor:
-    """True up to and including the first EOS."""
-    if not eos or token_ids.shape[1] == 0:
-        return torch.ones_like(token_ids, dtype=torch.bool)
-    is_eos = torch.isin(token_ids, torch.tensor(eos, device=token_ids.device))
-    before = is_eos.long().cumsum(-1) - is_eos.long()  # EOS strictly before t
-    return before == 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,7 +82,7 @@ class _Probe:
         self.heads = config.resolve_heads(self.num_heads)
         self.image_token_id = image_token_id_of(model) if image_token_id is None else int(image_token_id)
         self.tokenizer = tokenizer
-        self.eos = _eos_ids(model, eos_token_id)
+        self.eos = eos_token_ids(model, eos_token_id=eos_token_id)
 
     def spans(self, inputs: dict) -> Spans:
         _check_inputs(self.model, inputs)
@@ -241,9 +223,7 @@ class Tracer:
     # -- hooks ---------------------------------------------------------------------------------
 
     def _on_forward(self, module, args, kwargs) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        input_ids, _, past = forward_inputs(args, kwargs)
         if input_ids is None:  # an embeddings-only forward: not traced
             self._active = False
         elif past == 0:
@@ -309,7 +289,7 @@ class Tracer:
                 raise ValueError(f"sequences have {sequences.shape[1]} columns, expected {length + steps}")
             last = sequences[:, length + steps - 1 : length + steps].to(device)
         token_ids = torch.cat([fed, last], dim=1)
-        mask = _completion_mask(token_ids, self.probe.eos)  # needs only o_1..o_{T-1}
+        mask = eos_mask(token_ids, self.probe.eos)  # needs only o_1..o_{T-1}
         return self.probe.build(
             self._signals.result(), self._spans, token_ids, mask, "online", "native", self.sample_ids
         )
@@ -340,12 +320,16 @@ def trace_generate(
         config: what to record.
         max_new_tokens, do_sample, **generate_kwargs: passed to `model.generate` (no beam search).
         sample_ids: optional ids stored with each sample.
+        eos_token_id: end-of-sequence id(s): `generate` stops there and the trace's mask ends there
+            (default: the model's generation config).
 
     Returns:
         `(trace, completion_ids)`, the latter `[B, T]` (generate's output without the prompt).
     """
     if generate_kwargs.get("num_beams", 1) != 1:
         raise ValueError("beam search is not supported by the tracer")
+    if eos_token_id is not None:  # the same ids end generation and the traced completion
+        generate_kwargs["eos_token_id"] = eos_token_id
     with Tracer(
         model,
         config,
@@ -359,14 +343,6 @@ def trace_generate(
     sequences = getattr(out, "sequences", out)
     trace = tracer.finish(sequences)
     return trace, sequences[:, inputs["input_ids"].shape[1] :]
-
-
-def _generation_position_ids(model, input_ids: Tensor, kwargs: dict) -> Tensor | None:
-    """Position ids as `generate` makes them (Qwen: 3-D mRoPE; others: from the attention mask)."""
-    prepare = getattr(model, "_prepare_position_ids_for_generation", None)
-    if prepare is None:
-        return None
-    return prepare(input_ids, dict(kwargs))
 
 
 def trace_offline(
@@ -564,7 +540,7 @@ def _teacher_forced(probe: _Probe, prompt_inputs: dict, completion_ids: Tensor, 
         raise ValueError(f"completion_ids must be [{b}, T], got {tuple(completion_ids.shape)}")
     steps = completion_ids.shape[1]
     if completion_mask is None:
-        completion_mask = _completion_mask(completion_ids, probe.eos)
+        completion_mask = eos_mask(completion_ids, probe.eos)
     completion_mask = completion_mask.to(device=prompt_ids.device, dtype=torch.bool)
     empty = (~completion_mask.any(-1)).nonzero().flatten().tolist() if steps else list(range(b))
     if empty:
@@ -578,23 +554,13 @@ def _teacher_forced(probe: _Probe, prompt_inputs: dict, completion_ids: Tensor, 
             "a teacher-forced forward would read it as an image"
         )
 
-    prompt_mask = prompt_inputs.get("attention_mask")
-    if prompt_mask is None:
-        prompt_mask = torch.ones_like(prompt_ids)
-    inputs = {
-        k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask", "position_ids")
-    }
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    inputs["attention_mask"] = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
-    for key in ("mm_token_type_ids", "token_type_ids"):  # per-column: completion columns are text
-        if inputs.get(key) is not None:
-            mm = inputs[key]
-            inputs[key] = torch.cat([mm, torch.zeros_like(completion_ids, dtype=mm.dtype)], dim=1)
-    inputs["input_ids"] = input_ids
+    inputs = teacher_forced_inputs(
+        probe.model, prompt_inputs, completion_ids, completion_mask, positions=False
+    )
     return spans, completion_ids, completion_mask, inputs
 
 
 def _with_positions(model, inputs: dict) -> dict:
     """`inputs` with position ids as `generate` makes them (Qwen-VL's mRoPE from the image grids)."""
-    position_ids = _generation_position_ids(model, inputs["input_ids"], inputs)
+    position_ids = generation_position_ids(model, inputs["input_ids"], inputs)
     return inputs if position_ids is None else {**inputs, "position_ids": position_ids}

@@ -10,8 +10,10 @@
 
 - `style`: `paper_style()` (context), `use_paper_style()`, `save_figure(fig, path)` (PNG and PDF),
   the colours of roles, groups and signals;
-- `figures`: matplotlib figures (token analysis; labeller validation, interventions and RL curves from
-  what those analyses wrote);
+- `figures`: matplotlib figures of the token-level analysis;
+- `labellers`: the labeller validation's figures (F1 per labeller, threshold sweep, Δ by role,
+  the counterfactual labeller against Δ);
+- `experiments`: intervention effects, RL learning curves and the positive control's signals;
 - `interactive`: plotly token timeline and image heat-map, `save_html` (offline, plotly inlined).
 
 Names are imported lazily, so `import dyco_probe.viz` does not import matplotlib or plotly.
@@ -29,18 +31,27 @@ _EXPORTS = {
     "paper_style": "style",
     "save_figure": "style",
     "use_paper_style": "style",
+    "axes_or_new": "style",
+    "condition_label": "experiments",
+    "plot_delta_by_role": "labellers",
+    "plot_dependency_vs_delta": "labellers",
     "plot_feature_auroc": "figures",
-    "plot_intervention_effects": "figures",
-    "plot_labeller_validation": "figures",
+    "plot_headline_interventions": "experiments",
+    "plot_intervention_effects": "experiments",
+    "plot_labeller_validation": "labellers",
+    "plot_positive_control_signals": "experiments",
     "plot_ratio_distributions": "figures",
-    "plot_rl_curves": "figures",
+    "plot_rl_comparison": "experiments",
+    "plot_rl_curves": "experiments",
     "plot_roc": "figures",
     "plot_role_fractions": "figures",
     "plot_score_distributions": "figures",
     "plot_switch_rate": "figures",
+    "plot_threshold_sweep": "labellers",
     "plot_token_analysis": "figures",
     "save_token_analysis_figures": "figures",
     "figure_html": "interactive",
+    "image_token_layout": "interactive",
     "image_view": "interactive",
     "infer_token_grid": "interactive",
     "save_html": "interactive",

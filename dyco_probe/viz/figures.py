@@ -1,7 +1,6 @@
-"""Paper-style matplotlib figures of the token-level analyses, and of what the other analyses wrote.
+"""Paper-style matplotlib figures of the token-level analysis (`dyco_probe.analysis.TokenAnalysis`).
 
-Every function draws data it is given (a `dyco_probe.analysis.TokenAnalysis`, a table another
-analysis wrote, training metrics); none computes a statistic of its own beyond what it plots.
+Every function draws data it is given; none computes a statistic of its own beyond what it plots.
 Functions that draw one panel take `ax=None` (a new figure) and return the figure.
 
     from dyco_probe.analysis import analyse_tokens
@@ -19,14 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .style import GROUP_COLOURS, ROLE_COLOURS, paper_style, save_figure
+from .style import GROUP_COLOURS, ROLE_COLOURS, axes_or_new, paper_style, save_figure
 
 __all__ = [
     "plot_feature_auroc",
-    "plot_intervention_effects",
-    "plot_labeller_validation",
     "plot_ratio_distributions",
-    "plot_rl_curves",
     "plot_roc",
     "plot_role_fractions",
     "plot_score_distributions",
@@ -37,16 +33,6 @@ __all__ = [
 
 _GROUPS = ("correct", "incorrect")
 _ROLE_ORDER = ("visual", "text", "neutral")
-
-
-def _axes(ax, figsize=(3.3, 2.5)):
-    import matplotlib.pyplot as plt
-
-    if ax is not None:
-        return ax.figure, ax
-    with paper_style():
-        fig, ax = plt.subplots(figsize=figsize, layout="constrained")
-    return fig, ax
 
 
 def _groups(frame):
@@ -80,7 +66,7 @@ def _empty(ax, text="no data"):
 def plot_role_fractions(analysis, ax=None):
     """Role fractions of correct vs incorrect trajectories (mean over trajectories, 95% CI)."""
     with paper_style():
-        fig, ax = _axes(ax)
+        fig, ax = axes_or_new(ax)
         width = 0.38
         x = np.arange(len(_ROLE_ORDER))
         for k, g in enumerate(_GROUPS):
@@ -145,7 +131,7 @@ def _hist(ax, values_by_group: dict, bins, xlabel: str, title: str):
 def plot_score_distributions(analysis, ax=None, bins: int = 25):
     """Distribution of `s_t` over non-neutral tokens, correct vs incorrect trajectories."""
     with paper_style():
-        fig, ax = _axes(ax)
+        fig, ax = axes_or_new(ax)
         active = analysis.tokens[analysis.tokens["role"] != "neutral"]
         _hist(
             ax,
@@ -212,7 +198,7 @@ def _strip(ax, values_by_group: dict, table, measure: str, ylabel: str, title: s
 def plot_switch_rate(analysis, ax=None):
     """Per-trajectory role-switch rate, correct vs incorrect (box, points, and the mean with its 95% CI)."""
     with paper_style():
-        fig, ax = _axes(ax)
+        fig, ax = axes_or_new(ax)
         samples = analysis.samples
         _strip(
             ax,
@@ -231,7 +217,7 @@ def plot_roc(analysis, ax=None, feature: str = "sample_score"):
     from ..analysis import SAMPLE_FEATURES, roc_curve
 
     with paper_style():
-        fig, ax = _axes(ax, figsize=(2.8, 2.6))
+        fig, ax = axes_or_new(ax, figsize=(2.8, 2.6))
         samples = analysis.samples
         fpr, tpr = roc_curve(samples[feature], samples["correct"])
         row = analysis.auroc.set_index("feature").loc[feature]
@@ -254,7 +240,7 @@ def plot_roc(analysis, ax=None, feature: str = "sample_score"):
 def plot_feature_auroc(analysis, ax=None):
     """AUROC (95% CI) of every per-trajectory feature for correctness; 0.5 is chance."""
     with paper_style():
-        fig, ax = _axes(ax, figsize=(3.6, 2.5))
+        fig, ax = axes_or_new(ax, figsize=(4.8, 2.6))  # room for the feature names and the whole title
         table = analysis.auroc
         y = np.arange(len(table))[::-1]
         for yi, (_, r) in zip(y, table.iterrows()):
@@ -269,7 +255,7 @@ def plot_feature_auroc(analysis, ax=None):
         ax.set_yticks(y, list(table["description"]))
         ax.set_xlim(0, 1)
         ax.set_xlabel("AUROC for correctness (95% CI)")
-        ax.set_title("Which trajectory features predict correctness?")
+        ax.set_title("Which features predict correctness?")
     return fig
 
 
@@ -315,190 +301,3 @@ def save_token_analysis_figures(analysis, out_dir, prefix: str = "token_analysis
         written[name] = save_figure(fig, out_dir / f"{prefix}_{name}")
         plt.close(fig)
     return written
-
-
-# -- other analyses' outputs ----------------------------------------------------------------------------
-
-
-def plot_labeller_validation(table):
-    """Macro F1 (95% CI) of each labeller against the ground truth, and F1 per role.
-
-    `table`: `labeller_validation.csv` of `analyses/validate_labellers.py` (a path or a DataFrame), or any
-    frame with its columns (`labeller`, `setting`, `neutral`, `role`, `f1`, `macro_f1`, `macro_f1_lo`,
-    `macro_f1_hi`), e.g. `dyco_probe.report.labeller_table`.
-    """
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    frame = pd.read_csv(table) if isinstance(table, (str, Path)) else table
-    settings = list(dict.fromkeys(zip(frame["labeller"], frame["setting"])))
-    neutral_modes = [m for m in ("excluded", "included") if (frame["neutral"] == m).any()]
-    with paper_style():
-        fig, axes = plt.subplots(
-            1,
-            len(neutral_modes),
-            figsize=(4.2 * len(neutral_modes), 0.42 * len(settings) + 1.3),
-            squeeze=False,
-            layout="constrained",
-            sharey=True,
-        )
-        y = np.arange(len(settings))[::-1]
-        for ax, mode in zip(axes[0], neutral_modes):
-            part = frame[frame["neutral"] == mode]
-            for yi, (name, setting) in zip(y, settings):
-                rows = part[(part["labeller"] == name) & (part["setting"] == setting)]
-                if rows.empty:
-                    continue
-                first = rows.iloc[0]
-                m, lo, hi = first["macro_f1"], first.get("macro_f1_lo"), first.get("macro_f1_hi")
-                err = None
-                if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
-                    err = [[max(m - lo, 0)], [max(hi - m, 0)]]
-                ax.barh(yi, m, color="0.8", height=0.6)
-                ax.errorbar([m], [yi], xerr=err, fmt="none", color="k", elinewidth=0.8)
-                for role, marker in (("visual", "o"), ("text", "s"), ("neutral", "^")):
-                    r = rows[rows["role"] == role]
-                    if not r.empty and np.isfinite(r.iloc[0]["f1"]):
-                        ax.scatter(
-                            r.iloc[0]["f1"],
-                            yi,
-                            marker=marker,
-                            color=ROLE_COLOURS[role],
-                            s=16,
-                            zorder=3,
-                            label=f"F1 {role}",
-                        )
-            ax.set_yticks(y, [f"{n}\n{s}" if s else n for n, s in settings], fontsize=6.5)
-            ax.set_xlim(0, 1)
-            ax.set_xlabel("F1 against the ground truth")
-            ax.set_title(f"macro F1 (bar, 95% CI), neutral tokens {mode}")
-        shown = {}
-        for ax in axes[0]:
-            for handle, label in zip(*ax.get_legend_handles_labels()):
-                shown.setdefault(label, handle)  # one entry per role, whichever panel has it
-        if shown:
-            axes[0][-1].legend(list(shown.values()), list(shown), loc="lower right")
-    return fig
-
-
-def _layer_order(name) -> tuple:
-    name = str(name)
-    if name == "all":
-        return (1, 0, name)
-    head = name.split("-")[0].split(":")[0]
-    return (0, int(head), name) if head.isdigit() else (0, 10**6, name)
-
-
-_SOURCES = {"fisher_rao": "Fisher–Rao roles", "ground_truth": "ground-truth roles"}
-
-
-def _panel_title(values: dict) -> str:
-    """E.g. "image keys · knockout · Fisher–Rao roles" (strength shown when it is not a knockout)."""
-    parts = []
-    if values.get("keys") is not None and str(values.get("keys")) != "nan":
-        parts.append(f"{values['keys']} keys")
-    kind = values.get("kind")
-    strength = values.get("strength")
-    if kind is not None:
-        scaled = isinstance(strength, (int, float)) and math.isfinite(strength) and strength != 0
-        parts.append(f"{kind} (λ={strength:g})" if scaled else str(kind))
-    if values.get("role_source") is not None:
-        parts.append(_SOURCES.get(values["role_source"], str(values["role_source"])))
-    return " · ".join(parts)
-
-
-def plot_intervention_effects(summary, value_label: str | None = None):
-    """Intervention effects against the intervened layers, one panel per (intervention, role source).
-
-    `summary`: one row per condition group with columns `keys` (or `kind`), `role_source`, `layers`,
-    `target`, `mean`, `ci_low`, `ci_high` (e.g. `dyco_probe.interventions.summarize(frame, "dacc",
-    ["kind", "keys", "strength", "role_source", "layers", "target"])`).
-    """
-    import matplotlib.pyplot as plt
-
-    frame = summary.copy()
-    panel_cols = [c for c in ("kind", "keys", "strength", "role_source") if c in frame.columns]
-    panels = list(dict.fromkeys(map(tuple, frame[panel_cols].itertuples(index=False))))
-    ncols = min(2, max(len(panels), 1))
-    nrows = max(1, math.ceil(len(panels) / ncols))
-    with paper_style():
-        fig, axes = plt.subplots(
-            nrows, ncols, figsize=(4.6 * ncols, 2.7 * nrows), squeeze=False, layout="constrained"
-        )
-        for ax in axes.flat[len(panels) :]:
-            ax.set_visible(False)
-        for ax, key in zip(axes.flat, panels):
-            part = frame
-            for col, val in zip(panel_cols, key):
-                part = part[part[col] == val]
-            windows = sorted(part["layers"].astype(str).unique(), key=_layer_order)
-            targets = list(dict.fromkeys(part["target"]))
-            for k, target in enumerate(targets):
-                rows = part[part["target"] == target].assign(layers=lambda d: d["layers"].astype(str))
-                rows = rows.set_index("layers").reindex(windows)
-                offset = (k - (len(targets) - 1) / 2) * 0.1
-                colour = ROLE_COLOURS.get(target, "0.5" if str(target).startswith("random") else None)
-                ax.errorbar(
-                    np.arange(len(windows)) + offset,
-                    rows["mean"],
-                    yerr=[
-                        (rows["mean"] - rows["ci_low"]).clip(lower=0),
-                        (rows["ci_high"] - rows["mean"]).clip(lower=0),
-                    ],
-                    marker="o",
-                    color=colour,
-                    ls="--" if str(target).startswith("random") else "-",
-                    label=str(target),
-                )
-            ax.axhline(0, color="k", lw=0.6)
-            ax.set_xticks(range(len(windows)), [w if w == "all" else f"L{w}" for w in windows])
-            ax.set_xlabel("intervened layers")
-            ax.set_ylabel(value_label or "effect")
-            ax.set_title(_panel_title(dict(zip(panel_cols, key))), fontsize=8)
-            ax.legend(title="target tokens")
-    return fig
-
-
-def plot_rl_curves(runs: dict, smooth: int | None = None):
-    """Held-out accuracy (Wilson 95% band) and training reward against the step, one line per run.
-
-    `runs`: label -> `{"train": DataFrame, "eval": DataFrame}` (`dyco_probe.report.read_rl_run`). A third
-    panel shows the mean alignment score `s_mean` when the runs traced it.
-    """
-    import matplotlib.pyplot as plt
-
-    traced = any("s_mean" in r["train"].columns and r["train"]["s_mean"].notna().any() for r in runs.values())
-    panels = 3 if traced else 2
-    with paper_style():
-        fig, axes = plt.subplots(1, panels, figsize=(3.4 * panels, 2.6), layout="constrained")
-        for label, run in runs.items():
-            ev, tr = run["eval"], run["train"]
-            if len(ev):
-                line = axes[0].plot(ev["step"], 100 * ev["accuracy"], marker="o", label=label)[0]
-                if "accuracy_ci_low" in ev:
-                    axes[0].fill_between(
-                        ev["step"],
-                        100 * ev["accuracy_ci_low"],
-                        100 * ev["accuracy_ci_high"],
-                        color=line.get_color(),
-                        alpha=0.15,
-                        lw=0,
-                    )
-            if len(tr) and "reward" in tr:
-                k = smooth or max(1, len(tr) // 15)
-                reward = tr["reward"].rolling(k, min_periods=1).mean()
-                axes[1].plot(tr["step"], reward, label=label)
-                if traced and "s_mean" in tr:
-                    axes[2].plot(tr["step"], tr["s_mean"].rolling(k, min_periods=1).mean(), label=label)
-        axes[0].set_ylabel("held-out accuracy (%)")
-        axes[1].set_ylabel("train reward (moving average)")
-        if traced:
-            axes[2].set_ylabel("mean $s_t$ (moving average)")
-        for ax in axes:
-            ax.set_xlabel("training step")
-        axes[0].legend()
-        axes[0].set_title("Held-out accuracy (95% CI)")
-        axes[1].set_title("Training reward")
-        if traced:
-            axes[2].set_title("Alignment score of sampled tokens")
-    return fig

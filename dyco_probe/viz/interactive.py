@@ -22,18 +22,29 @@ import numpy as np
 from ..roles import ROLE_NAMES
 from .style import ROLE_COLOURS, SIGNAL_COLOURS
 
-__all__ = ["figure_html", "image_view", "infer_token_grid", "save_html", "token_label", "token_timeline"]
+__all__ = [
+    "figure_html",
+    "image_token_layout",
+    "image_view",
+    "infer_token_grid",
+    "save_html",
+    "token_label",
+    "token_timeline",
+]
 
 _FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=12)
 
 
-def token_label(text: str | None, token_id: int | None = None) -> str:
-    """A token as shown in a figure: whitespace made visible, HTML escaped (`<answer>` stays text)."""
+def token_label(text: str | None, token_id: int | None = None, max_chars: int | None = None) -> str:
+    """A token as shown in a figure: whitespace made visible, cut to `max_chars` (with "…"), then
+    HTML escaped (`<answer>` stays text; an escape is never cut in half)."""
     if text is None:
         text = f"#{token_id}" if token_id is not None else "?"
     shown = text.replace("\n", "⏎").replace("\t", "⇥")
     if not shown.strip():
         shown = "␣" * max(len(shown), 1)
+    if max_chars is not None and len(shown) > max_chars:
+        shown = shown[: max(max_chars - 1, 1)] + "…"
     return html.escape(shown)
 
 
@@ -46,14 +57,27 @@ def _scored_sample(trace, sample: int, roles, config):
     return one, score_tokens(one.r_vis, one.r_txt, one.v_vis, one.v_txt, one.mask, config, roles=r)
 
 
-def _title(trace, sample: int, extra: str = "") -> str:
+def _title(trace, sample: int, extra: str = "", max_chars: int = 70) -> str:
+    """Sample id, correctness, predicted and gold answer (long values cut), HTML escaped."""
     meta = (trace.samples or [{}] * trace.batch_size)[sample]
-    parts = [f"sample {meta.get('sample_id', sample)}"]
+
+    def cut(value) -> str:
+        text = str(value)
+        return text if len(text) <= 24 else text[:23] + "…"
+
+    parts = [f"sample {cut(meta.get('sample_id', sample))}"]
     if "correct" in meta:
         parts.append("correct" if meta["correct"] else "incorrect")
-    if meta.get("prediction") is not None or meta.get("answer") is not None:
-        parts.append(f"answer {meta.get('prediction')} (gold {meta.get('answer')})")
-    return html.escape(" · ".join(parts)) + extra
+    if meta.get("prediction") is not None:
+        parts.append(f"answer {cut(meta['prediction'])}")
+    elif "prediction" in meta:
+        parts.append("no answer given")
+    if meta.get("answer") is not None:
+        parts.append(f"gold {cut(meta['answer'])}")
+    text = " · ".join(parts)
+    if len(text) > max_chars:
+        text = text[: max_chars - 1] + "…"
+    return html.escape(text) + extra
 
 
 def token_timeline(
@@ -69,13 +93,13 @@ def token_timeline(
 
     Top: each token as a cell coloured by its role. Middle: `r_vis` and `r_txt` bars (attention mass
     on the image and on the text span). Bottom: `v_vis` and `v_txt` lines (Fisher–Rao speed of the
-    within-modality attention, SPEC §3), whose difference decides the role. Hovering a token shows
+    within-modality attention, docs/method.md#modality-dynamics), whose difference decides the role. Hovering a token shows
     its text and every value, `s_t` included.
 
     Args:
         trace: a `Trace`.
         sample: row of the trace.
-        roles: `[B, T]` roles from any labeller (default: SPEC §4 on the trace's dynamics).
+        roles: `[B, T]` roles from any labeller (default: docs/method.md#token-roles on the trace's dynamics).
         config: `ScorerConfig` (thresholds).
         title: figure title (default: sample id, correctness and answer).
         max_tokens: show only the first so many tokens.
@@ -244,7 +268,7 @@ def image_view(
     """The image with a token's attention over the image tokens as a heat-map.
 
     Cells are the merged image tokens (the vision tower's output grid); their values are the token's
-    attention on each image token as a share of its attention on the whole image (`p_vis`, SPEC §2).
+    attention on each image token as a share of its attention on the whole image (`p_vis`, docs/method.md#attention-signals).
     With `token=None` a slider steps through every token of the completion (starting at the first
     visual-role one); with `token=t` the view is of that token alone.
 
@@ -258,8 +282,9 @@ def image_view(
         grid: `(rows, cols)` of the image's merged tokens (default: `infer_token_grid`; Qwen-VL's
             processor gives it exactly as `image_grid_thw[1:] // merge_size`). The cells are laid over
             the whole picture: for processors that crop (LLaVA's centre crop), pass the cropped image.
-        image_index: which image of a multi-image prompt (its tokens are split evenly unless `grid`
-            says otherwise; the tokens of image k follow those of images 0..k-1).
+        image_index: which image of a multi-image prompt. Each image's tokens and grid come from
+            the trace (`image_token_counts`, `image_grids` of the sample's metadata); traces
+            written before those were recorded split the tokens evenly.
         roles, config: roles of the tokens (labeller output) and scorer settings, for the labels.
         opacity: heat-map opacity over the image.
     """
@@ -272,15 +297,11 @@ def image_view(
     one, scored = _scored_sample(trace, sample, roles, config)
     n_tok = int(one.mask[0].sum())
     rows_all = one.image_rows[0, :n_tok][:, one.image_rows_mask[0]].float().numpy()
-    meta = (trace.samples or [{}] * trace.batch_size)[sample]
-    n_images = max(int(meta.get("num_images") or 1), 1)
-    per_image = rows_all.shape[1] // n_images if grid is None else grid[0] * grid[1]
-    if n_images == 1 and per_image != rows_all.shape[1]:
-        raise ValueError(f"grid {grid[0]}x{grid[1]} does not match the {rows_all.shape[1]} image tokens")
-    start = image_index * per_image
-    rows_img = rows_all[:, start : start + per_image]
-    if rows_img.shape[1] == 0:
-        raise ValueError(f"sample {sample} has no tokens for image {image_index}")
+    counts, grids = image_token_layout(trace, sample)
+    if not 0 <= image_index < len(counts):
+        raise IndexError(f"sample {sample} has {len(counts)} image(s); no image_index {image_index}")
+    start = sum(counts[:image_index])
+    rows_img = rows_all[:, start : start + counts[image_index]]
     picture = _image_of(trace, sample, image, examples, image_index)
     arr = (
         None
@@ -288,7 +309,7 @@ def image_view(
         else np.asarray(picture.convert("RGB") if hasattr(picture, "convert") else picture)
     )
     size = None if arr is None else (arr.shape[1], arr.shape[0])
-    g_rows, g_cols = grid or infer_token_grid(rows_img.shape[1], size)
+    g_rows, g_cols = grid or grids[image_index] or infer_token_grid(rows_img.shape[1], size)
     if g_rows * g_cols != rows_img.shape[1]:
         raise ValueError(f"grid {g_rows}x{g_cols} does not match the {rows_img.shape[1]} image tokens")
     width, height = size or (g_cols, g_rows)
@@ -297,13 +318,15 @@ def image_view(
     xs = (np.arange(g_cols) + 0.5) * width / g_cols
     ys = (np.arange(g_rows) + 0.5) * height / g_rows
     texts = one.token_text[0][:n_tok] if one.token_text is not None else [None] * n_tok
-    labels = [token_label(t, int(i)) for t, i in zip(texts, one.token_ids[0, :n_tok].tolist())]
+    short = [token_label(t, int(i), max_chars=12) for t, i in zip(texts, one.token_ids[0, :n_tok].tolist())]
     role_names = [ROLE_NAMES[int(r)] for r in scored["roles"][0, :n_tok]]
     r_vis = one.r_vis[0, :n_tok].float().numpy()
 
+    which = f"image {image_index + 1} of {len(counts)}: " if len(counts) > 1 else ""
+
     def caption(t: int) -> str:
         return (
-            f"token {t} <b>{labels[t]}</b> ({role_names[t]}): r_vis {r_vis[t]:.3f}, "
+            f"{which}token {t} <b>{short[t]}</b> ({role_names[t]}): r_vis {r_vis[t]:.3f}, "
             f"peak on image token {int(share[t].argmax())}"
         )
 
@@ -346,7 +369,7 @@ def image_view(
         steps = [
             dict(
                 method="update",
-                label=f"{t}:{labels[t][:12]}",
+                label=f"{t}:{short[t]}",
                 args=[
                     {"z": [share[t].reshape(g_rows, g_cols)], "customdata": [raw[t]]},
                     {"title.text": _title(trace, sample) + "<br><sub>" + caption(t) + "</sub>"},
@@ -361,6 +384,22 @@ def image_view(
         layout["height"] = 640
     fig.update_layout(**layout)
     return fig
+
+
+def image_token_layout(trace, sample: int) -> tuple[list[int], list]:
+    """Each image's number of tokens and `(rows, cols)` grid (None where unknown) for one sample of
+    a trace with image rows, from its metadata; older traces without it get the tokens split
+    evenly over `num_images`."""
+    meta = (trace.samples or [{}] * trace.batch_size)[sample]
+    total = int(trace.image_rows_mask[sample].sum())
+    counts = [int(n) for n in meta.get("image_token_counts") or []]
+    if counts and sum(counts) == total:
+        grids = list(meta.get("image_grids") or [None] * len(counts))
+        return counts, [None if g is None else (int(g[0]), int(g[1])) for g in grids]
+    n_images = max(int(meta.get("num_images") or 1), 1)
+    if total % n_images:
+        raise ValueError(f"sample {sample}: {total} image tokens do not split evenly over {n_images} images")
+    return [total // n_images] * n_images, [None] * n_images
 
 
 def figure_html(fig, *, include_plotlyjs: bool = False, height: str | None = None) -> str:

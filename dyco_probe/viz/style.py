@@ -19,6 +19,7 @@ __all__ = [
     "PAPER_RC",
     "ROLE_COLOURS",
     "SIGNAL_COLOURS",
+    "axes_or_new",
     "paper_style",
     "save_figure",
     "use_paper_style",
@@ -95,3 +96,14 @@ def save_figure(fig, path, *, formats: tuple[str, ...] = ("png", "pdf"), close: 
 
         plt.close(fig)
     return out
+
+
+def axes_or_new(ax, figsize=(3.3, 2.5)):
+    """`(figure, ax)`: the given axes, or a new paper-style figure of one panel."""
+    import matplotlib.pyplot as plt
+
+    if ax is not None:
+        return ax.figure, ax
+    with paper_style():
+        fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return fig, ax
