@@ -98,8 +98,8 @@ def test_trl_two_steps(checkpoint, tmp_path):
     from dyco_probe.scoring import ScorerConfig
 
     class Spy(DyCoGRPOTrainer):
-        def _reweight(self, advantages, scored, mask):
-            out = super()._reweight(advantages, scored, mask)
+        def _reweight(self, advantages, scored, mask, group_ids):
+            out = super()._reweight(advantages, scored, mask, group_ids)
             self.seen.append((advantages.clone(), scored["w"], mask.clone(), out.clone()))
             return out
 

@@ -359,6 +359,29 @@ def test_trajectory_readouts(handle):
     assert traj.select([2]).indices == [9]
 
 
+def test_teacher_forced_readouts_continue_from_the_prompt_cache(handle):
+    """Every condition of a batch reuses one KV cache of the prompt: the same effects as rerunning
+    the whole sequence, and the cache is left as it was for the next condition."""
+    from dyco_probe.data import synthetic_examples
+
+    traj = prepare_trajectories(handle, synthetic_examples("test", 3), trajectory="gold", max_new_tokens=48)
+    visual = select_tokens("visual", traj.roles("ground_truth"), traj.completion_mask)
+    specs = [
+        Intervention.knockout("image"),
+        Intervention.knockout("question", layers=[1]),
+        Intervention.scaling(2.0),
+    ]
+    cached = [traj.teacher_forced(spec, visual) for spec in specs]
+    cache, _ = traj._prompt_prefix()
+    assert cache.get_seq_length() == traj.prompt_length - 1
+    traj._prefix = False  # the whole sequence each time
+    for spec, got in zip(specs, cached):
+        want = traj.teacher_forced(spec, visual)
+        for key in ("dlogp_target", "dlogp_after"):
+            assert got[key] == pytest.approx(want[key], abs=1e-5, nan_ok=True)
+        assert any(abs(x) > 1e-3 for x in want["dlogp_after"])  # the interventions do something
+
+
 def test_a_last_layer_knockout_reaches_only_the_intervened_tokens(handle):
     """What the teacher-forced answer readout can see: a query's last-layer output feeds only its own logits."""
     from dyco_probe.data import synthetic_examples

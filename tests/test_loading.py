@@ -95,7 +95,14 @@ def test_generation_never_emits_image_placeholders(checkpoints, family):
     assert handle.image_token_id in placeholder_ids(handle.model)
     with torch.no_grad():  # make the placeholder the likeliest token everywhere
         handle.model.lm_head.weight[handle.image_token_id] = handle.model.lm_head.weight.abs().max() * 50
-    gens = generate(handle, synthetic_examples("test", 2), max_new_tokens=6, do_sample=True, num_samples=2,
-                    seed=0, progress=False)
+    gens = generate(
+        handle,
+        synthetic_examples("test", 2),
+        max_new_tokens=6,
+        do_sample=True,
+        num_samples=2,
+        seed=0,
+        progress=False,
+    )
     ids = [t for g in gens for t in g.completion_ids]
     assert ids and handle.image_token_id not in ids

@@ -13,7 +13,15 @@ from dyco_probe.testing import (
     tiny_qwen2_vl,
     tiny_tokenizer,
 )
-from dyco_probe.tracing import SIGNAL_NAMES, Trace, TraceConfig, Tracer, trace_generate, trace_offline
+from dyco_probe.tracing import (
+    SIGNAL_NAMES,
+    OfflineTracer,
+    Trace,
+    TraceConfig,
+    Tracer,
+    trace_generate,
+    trace_offline,
+)
 
 torch.set_num_threads(1)
 
@@ -164,6 +172,53 @@ def test_offline_equals_online(qwen, llava):
             )
         assert torch.allclose(online.image_rows[online.mask], offline.image_rows[online.mask], atol=1e-5)
         assert offline.metadata["mode"] == "offline" and online.metadata["mode"] == "online"
+
+
+def _rows(inputs: dict, start: int, stop: int) -> dict:
+    """Samples `start:stop` of a Qwen-VL forward's inputs (one image per sample, all the same size)."""
+    n = inputs["image_grid_thw"].shape[0]
+    per_image = inputs["pixel_values"].shape[0] // n
+    out = {k: v[start:stop] for k, v in inputs.items() if k not in ("pixel_values", "position_ids")}
+    out["pixel_values"] = inputs["pixel_values"][start * per_image : stop * per_image]
+    out["position_ids"] = inputs["position_ids"][:, start:stop]
+    return out
+
+
+def test_offline_tracer_rides_along_a_training_forward(qwen):
+    """Row chunks, train mode, gradient, backward: trace_offline's numbers, the output unchanged."""
+    batch = tiny_batch(qwen, 4, images_per_prompt=1, question_lengths=[3, 7, 5, 9], seed=6)
+    _, completion = trace_generate(qwen, batch, max_new_tokens=7)
+    for config in (TraceConfig(layers="all", per_layer=True, image_rows=True), TraceConfig(layers=(1, 3))):
+        want = trace_offline(qwen, batch, completion, config=config)
+        tracer = OfflineTracer(qwen, batch, completion, config=config)
+        with torch.no_grad():
+            plain = qwen(**tracer.inputs).logits
+        qwen.train()
+        try:
+            with tracer:
+                chunks = ((0, 1), (1, 3), (3, 4))
+                logits = torch.cat([qwen(**_rows(tracer.inputs, a, b)).logits for a, b in chunks])
+                logits.sum().backward()
+        finally:
+            qwen.eval()
+            qwen.zero_grad(set_to_none=True)
+        torch.testing.assert_close(logits.detach(), plain, atol=1e-5, rtol=1e-5)
+        got = tracer.trace()
+        assert torch.equal(got.mask, want.mask) and got.metadata["mode"] == "offline"
+        for k in SIGNAL_NAMES:
+            torch.testing.assert_close(getattr(got, k), getattr(want, k), atol=1e-6, rtol=0)
+            if config.per_layer:
+                torch.testing.assert_close(got.per_layer[k], want.per_layer[k], atol=1e-6, rtol=0)
+        if config.image_rows:
+            torch.testing.assert_close(got.image_rows, want.image_rows, atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="covered 0 of 4"):
+        OfflineTracer(qwen, batch, completion).trace()
+    with (
+        pytest.raises(RuntimeError, match="no cache"),
+        OfflineTracer(qwen, batch, completion),
+        torch.no_grad(),
+    ):
+        qwen(**batch)  # the prompt alone: not prompt ++ completion
 
 
 def test_tracing_does_not_change_generation(qwen):

@@ -1,5 +1,8 @@
 """DyCoGRPOTrainer (dyco_probe.integrations.trl): two TRL training steps on CPU with a tiny built-in
-model, per-token advantages injected as the scorer defines them."""
+model, per-token advantages injected as the scorer defines them, the attention rows taken from a
+forward TRL runs anyway with the numbers of the extra forward."""
+
+import os
 
 import pytest
 import torch
@@ -36,14 +39,15 @@ def checkpoint(tmp_path_factory):
     return str(path), load(path).processor
 
 
-def word_count_reward(completions, answers):
-    """Rewards longer completions: it has a spread even for an untrained model."""
-    return [len(c.split()) / 10 for c in completions]
+def text_reward(completions, answers):
+    """A reward with a spread over any distinct completions of an untrained model (word counts tie
+    when every completion is truncated)."""
+    return [sum(map(ord, c)) % 7 / 7 for c in completions]
 
 
 def make_trainer(checkpoint, tmp_path, dyco, cls=DyCoGRPOTrainer, roles=None, **kw):
     path, processor = checkpoint
-    args = GRPOConfig(
+    settings = dict(
         output_dir=str(tmp_path / "out"),
         num_generations=4,
         per_device_train_batch_size=4,
@@ -56,12 +60,12 @@ def make_trainer(checkpoint, tmp_path, dyco, cls=DyCoGRPOTrainer, roles=None, **
         report_to=[],
         use_cpu=True,
         seed=0,
-        **kw,
     )
+    args = GRPOConfig(**{**settings, **kw})
     return cls(
         model=path,
         processing_class=processor,
-        reward_funcs=[as_trl_reward(word_count_reward)],
+        reward_funcs=[as_trl_reward(text_reward)],
         args=args,
         train_dataset=synthetic_dataset("train", 8),
         dyco=dyco,
@@ -74,8 +78,8 @@ class Spy(DyCoGRPOTrainer):
 
     seen: list
 
-    def _reweight(self, advantages, scored, mask):
-        out = super()._reweight(advantages, scored, mask)
+    def _reweight(self, advantages, scored, mask, group_ids):
+        out = super()._reweight(advantages, scored, mask, group_ids)
         self.seen.append((advantages.clone(), scored, mask.clone(), out.clone()))
         return out
 
@@ -118,6 +122,68 @@ def test_sequence_granularity_and_dapo_loss(checkpoint, tmp_path):
     assert checked > 0
 
 
+class Compare(DyCoGRPOTrainer):
+    """Also computes each batch's advantages with the extra teacher-forced forward, for comparison."""
+
+    compared: list
+
+    def _apply_dyco(self, batch, trace, extra_forward):
+        sequence_advantages = batch["advantages"].clone()
+        super()._apply_dyco(batch, trace, extra_forward)
+        groups = batch["dyco_group_ids"]
+        reference = self._trace(batch)
+        want = self._reweight(
+            sequence_advantages, self._score(reference, groups), reference.mask.to(groups.device), groups
+        )
+        self.compared.append((extra_forward, (batch["advantages"] - want).abs().max().item()))
+
+
+@pytest.mark.parametrize(
+    "granularity, settings, plan",
+    [
+        ("token", {}, "loss"),  # transformers generation, defaults: the loss forward
+        ("sequence", {}, "loss"),
+        # an old-log-prob pass (as with vLLM's importance-sampling correction): captured there
+        ("token", {"steps_per_generation": 2}, "old_logps"),
+        ("sequence", {"num_iterations": 2}, "old_logps"),
+    ],
+)
+def test_captured_advantages_equal_the_extra_forward(checkpoint, tmp_path, granularity, settings, plan):
+    dyco = ScorerConfig(granularity=granularity, alpha=0.5, tau_txt=0.0)
+    trainer = make_trainer(checkpoint, tmp_path, dyco, cls=Compare, **settings)
+    trainer.compared = []
+    trainer.model.train()
+    assert trainer.dyco_capture_plan() == plan
+    trainer.train()
+    assert trainer.compared and not any(extra for extra, _ in trainer.compared)
+    assert max(diff for _, diff in trainer.compared) < 1e-6
+    logged = [r["dyco/extra_forward"] for r in trainer.state.log_history if "dyco/extra_forward" in r]
+    assert logged and all(x == 0.0 for x in logged)
+
+
+def test_falls_back_to_the_extra_forward(checkpoint, tmp_path):
+    dyco = ScorerConfig(granularity="sequence", tau_txt=0.0)
+    # sequence scores over groups split between micro-batches, without an old-log-prob pass
+    split = make_trainer(
+        checkpoint, tmp_path, dyco, steps_per_generation=2, gradient_accumulation_steps=2, max_steps=1
+    )
+    split.model.train()
+    assert split.dyco_capture_plan() == "extra_forward"
+    forced = make_trainer(checkpoint, tmp_path, dyco, cls=Compare, max_steps=1)
+    forced.dyco_capture = "extra_forward"
+    assert forced.dyco_capture_plan() == "extra_forward"
+    # truncated completions masked out by TRL: it attends differently from the tracer, batch by batch
+    masked = make_trainer(
+        checkpoint, tmp_path, dyco, cls=Compare, max_steps=1, mask_truncated_completions=True
+    )
+    for trainer in (split, forced, masked):
+        trainer.compared = []
+        trainer.train()
+    assert all(r["dyco/extra_forward"] == 1.0 for r in split.state.log_history if "loss" in r)
+    assert forced.compared == [(True, 0.0)]
+    assert masked.compared and all(extra for extra, _ in masked.compared)  # 10 tokens: all truncated
+
+
 def test_off_is_plain_grpo(checkpoint, tmp_path):
     trainer = make_trainer(checkpoint, tmp_path, ScorerConfig(granularity="off"))
     captured = []
@@ -158,19 +224,137 @@ def test_command_line_entry_point_on_a_jsonl(checkpoint, tmp_path):
     assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "tokenizer.json").exists()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pad(x: torch.Tensor, width: int, value=0) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def _single_process_advantages(checkpoint, granularity: str, parts: list[dict]) -> torch.Tensor:
+    """DyCo advantages of the processes' batches together, in one process: each batch traced as it
+    was laid out (tracing is per sample), then scored and reweighted over the whole batch."""
+    from dyco_probe.models.loading import load
+    from dyco_probe.scoring import reweight_advantages, score_tokens
+    from dyco_probe.tracing import trace_offline
+
+    model = load(checkpoint[0]).model
+    model.load_state_dict(parts[0]["weights"])  # the processes hold the same weights
+    traces = []
+    for p in parts:
+        length = p["prompt_ids"].shape[1]
+        prompt = {
+            "input_ids": p["prompt_ids"],
+            "attention_mask": p["prompt_mask"],
+            "pixel_values": p["pixel_values"],
+            "image_grid_thw": p["image_grid_thw"],
+            "mm_token_type_ids": p["mm_token_type_ids"][:, :length],
+        }
+        with torch.no_grad():
+            traces.append(trace_offline(model, prompt, p["completion_ids"], eos_token_id=[2]))
+    t = max(tr.mask.shape[1] for tr in traces)
+    signals = {
+        k: torch.cat([_pad(getattr(tr, k), t) for tr in traces]) for k in ("r_vis", "r_txt", "v_vis", "v_txt")
+    }
+    mask = torch.cat([_pad(tr.mask, t, False) for tr in traces])
+    groups = torch.cat([p["dyco_group_ids"] for p in parts])
+    dyco = ScorerConfig(granularity=granularity, alpha=0.5, tau_txt=0.0)
+    scored = score_tokens(*signals.values(), mask, dyco, group_ids=groups)
+    sequence_advantages = torch.cat([p["sequence_advantages"] for p in parts])
+    return reweight_advantages(
+        sequence_advantages,
+        scored["s"],
+        scored["roles"],
+        mask,
+        granularity=granularity,
+        alpha=0.5,
+        group_ids=groups,
+    )
+
+
+def test_two_processes_under_accelerate_launch(checkpoint, tmp_path):
+    """DyCoGRPOTrainer under `accelerate launch --num_processes 2` (CPU, gloo), two steps: DyCo's
+    advantages on each process equal one process's on the same batch, sequence scores included over
+    groups split between the processes; the processes train the same weights, and they move."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs = ["token:loss", "sequence:loss", "sequence:old_logps"]
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed")
+    cmd = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+    ]
+    cmd += ["no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    cmd += [str(root / "tests" / "trl_two_processes.py"), checkpoint[0], str(tmp_path), *runs]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    initial = load_weights(checkpoint[0])
+    for run in runs:
+        granularity, setting = run.split(":")
+        ranks = [
+            torch.load(tmp_path / f"{granularity}-{setting}-rank{r}.pt", weights_only=False) for r in (0, 1)
+        ]
+        assert all(r["world_size"] == 2 for r in ranks)
+        steps = list(zip(ranks[0]["records"], ranks[1]["records"]))
+        assert len(steps) == 2 if setting == "loss" else len(steps) == 1  # old_logps: one generation
+        for parts in steps:
+            assert all(p["plan"] == setting and not p["extra_forward"] for p in parts)
+            groups = [set(p["dyco_group_ids"].tolist()) for p in parts]
+            assert groups[0] & groups[1]  # a group's completions on both processes
+            want = _single_process_advantages(checkpoint, granularity, list(parts))
+            got = torch.cat([_pad(p["advantages"], want.shape[1]) for p in parts])
+            assert (got - want).abs().max() < 1e-6
+        finals = [r["final"] for r in ranks]
+        assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # one model, trained together
+        assert any(not torch.equal(finals[0][k], initial[k]) for k in initial)  # and it trained
+        assert [r for r in ranks[0]["log"] if "loss" in r]
+
+
+def load_weights(path: str) -> dict:
+    from dyco_probe.models.loading import load
+
+    return {k: v.clone() for k, v in load(path).model.state_dict().items()}
+
+
 class DependencySpy(DyCoGRPOTrainer):
-    """Records the batch, its visual dependency roles and the roles the scorer used."""
+    """Records the batch, its visual dependency roles and the roles the scorer used, with the rows
+    they were used for (TRL shuffles the batch before the loss forward that scores it)."""
 
     seen: list
 
     def _dependency_roles(self, inputs, output, mask):
         roles = super()._dependency_roles(inputs, output, mask)
-        self.seen.append({"ids": [r["id"] for r in inputs], "output": output, "mask": mask, "roles": roles})
+        output["spy_rows"] = torch.arange(len(inputs), device=mask.device)  # shuffled with the batch
+        record = {"ids": [r["id"] for r in inputs], "output": output, "mask": mask, "roles": roles}
+        self.seen.append({**record, "scored": []})
         return roles
 
-    def _reweight(self, advantages, scored, mask):
-        self.seen[-1]["scored"] = scored["roles"]
-        return super()._reweight(advantages, scored, mask)
+    def _apply_dyco(self, batch, trace, extra_forward):
+        self._rows = batch["spy_rows"]
+        super()._apply_dyco(batch, trace, extra_forward)
+
+    def _reweight(self, advantages, scored, mask, group_ids):
+        self.seen[-1]["scored"].append((self._rows, scored["roles"]))
+        return super()._reweight(advantages, scored, mask, group_ids)
 
 
 def test_visual_dependency_roles(checkpoint, tmp_path, monkeypatch):
@@ -195,7 +379,10 @@ def test_visual_dependency_roles(checkpoint, tmp_path, monkeypatch):
     for batch, score in zip(trainer.seen, scores):
         mask = batch["mask"]
         assert torch.equal(batch["roles"], dependency_roles(score.cpu(), mask.cpu(), 1e-3, 1e-4))
-        assert torch.equal(batch["scored"][mask], batch["roles"][mask])
+        rows = torch.cat([r for r, _ in batch["scored"]])
+        assert sorted(rows.tolist()) == list(range(mask.shape[0]))  # each row scored once
+        for r, scored in batch["scored"]:
+            assert torch.equal(scored[mask[r]], batch["roles"][r][mask[r]])
 
     # the first batch (policy still the initial model), scored independently through a ModelHandle
     first = trainer.seen[0]

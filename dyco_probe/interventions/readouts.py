@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..completions import (
+    _gather,
     completion_mask,
     eos_token_ids,
     pad_token_id,
@@ -53,6 +54,39 @@ def generate_greedy(model, inputs: dict, max_new_tokens: int) -> tuple[Tensor, T
     the mask True up to and including the first EOS (T trimmed to the longest)."""
     sampled = sample(model, inputs, max_new_tokens=max_new_tokens)
     return sampled.ids, sampled.mask
+
+
+@torch.no_grad()
+def prefix_cache(model, inputs: dict, length: int):
+    """The KV cache of the first `length` columns of a `teacher_forced_inputs` batch, to run many
+    teacher-forced forwards that differ only from column `length` on (`token_logprobs_from_prefix`):
+    interventions on completion queries leave the prompt before the first such query (column
+    `prompt_length - 1`) as it is. None where the inputs carry no position ids to continue from."""
+    if inputs.get("position_ids") is None or length < 1:
+        return None
+    prefix = {k: v for k, v in inputs.items() if k not in _COLUMN_KEYS and k != "position_ids"}
+    for key in _COLUMN_KEYS:
+        if inputs.get(key) is not None:
+            prefix[key] = inputs[key][:, :length]
+    prefix["position_ids"] = inputs["position_ids"][..., :length]
+    return model(**prefix, use_cache=True, logits_to_keep=1).cache
+
+
+@torch.no_grad()
+def token_logprobs_from_prefix(model, inputs: dict, completion_ids: Tensor, cache, length: int) -> Tensor:
+    """`token_logprobs` with columns `0 .. length-1` taken from `cache` (`prefix_cache`); the cache is
+    cropped back to them afterwards, ready for the next forward."""
+    t = completion_ids.shape[1]
+    new = {
+        "input_ids": inputs["input_ids"][:, length:],
+        "attention_mask": inputs["attention_mask"],
+        "position_ids": inputs["position_ids"][..., length:],
+    }
+    try:
+        out = model(**new, cache=cache, use_cache=True, logits_to_keep=t + 1)
+    finally:
+        cache.crop(length - cache.get_seq_length())  # a negative count: the tokens to drop
+    return _gather(out.logits[:, :t], completion_ids)
 
 
 def _repad(prompt_inputs: dict, extra: list[Tensor], pad_id: int) -> tuple[dict, int]:

@@ -35,9 +35,11 @@ from .attention import intervene
 from .queries import ground_truth_roles, token_columns
 from .readouts import (
     generate_greedy,
+    prefix_cache,
     regenerate,
     teacher_forced_inputs,
     token_logprobs,
+    token_logprobs_from_prefix,
 )
 from .spec import Intervention
 
@@ -85,6 +87,8 @@ class Trajectories:
     baseline_cache: dict = field(default_factory=dict)
     _spans: Spans | None = None
     _traces: dict = field(default_factory=dict)
+    _inputs: tuple | None = None  # (prompt_inputs they were built from, teacher-forced inputs)
+    _prefix: tuple | bool | None = None  # (cache, unintervened log-probs from it), False: not usable
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -104,10 +108,35 @@ class Trajectories:
         return self._spans
 
     def inputs(self) -> dict:
-        """Teacher-forced model inputs of `prompt ++ trajectory`."""
-        return teacher_forced_inputs(
-            self.model, self.prompt_inputs, self.completion_ids, self.completion_mask
-        )
+        """Teacher-forced model inputs of `prompt ++ trajectory` (built once per prompt encoding)."""
+        if self._inputs is None or self._inputs[0] is not self.prompt_inputs:
+            inputs = teacher_forced_inputs(
+                self.model, self.prompt_inputs, self.completion_ids, self.completion_mask
+            )
+            self._inputs = (self.prompt_inputs, inputs)
+        return dict(self._inputs[1])
+
+    def _prompt_prefix(self) -> tuple | None:
+        """`(cache, base log-probs)`: the KV cache of the columns before the first completion query,
+        computed once for every intervention on this batch, and the unintervened log-probabilities
+        of a forward from it; None where the model cannot continue from a cache (then each readout
+        runs the whole sequence). Accepted only if it reproduces `base_logp`."""
+        if self._prefix is None:
+            self._prefix = False
+            length = self.prompt_length - 1
+            inputs = self.inputs()
+            try:
+                cache = prefix_cache(self.model, inputs, length)
+                if cache is not None:
+                    base = token_logprobs_from_prefix(
+                        self.model, inputs, self.completion_ids, cache, length
+                    ).cpu()
+                    mask = self.completion_mask.cpu().bool()
+                    if bool(((base - self.base_logp).abs()[mask] < 1e-4).all()):
+                        self._prefix = (cache, base)
+            except (TypeError, ValueError, RuntimeError, NotImplementedError):
+                pass  # a family whose cache cannot be cropped or continued: whole-sequence readouts
+        return self._prefix or None
 
     # -- roles ---------------------------------------------------------------------------------
 
@@ -204,16 +233,25 @@ class Trajectories:
         selection = selection.to(torch.bool).cpu() & self.completion_mask.cpu()
         queries = token_columns(selection, self.prompt_length, self.prompt_length + selection.shape[1])
         inputs = self.inputs()
-        context = (
-            patch(queries)
-            if patch is not None
-            else intervene(self.model, spec, queries, spans=self.spans, completion_start=self.prompt_length)
-        )
-        with context:
-            logp = token_logprobs(self.model, inputs, self.completion_ids).cpu()
-        return _teacher_forced_metrics(
-            logp, self.base_logp, selection, self.completion_mask.cpu(), self.answer_mask
-        )
+        prefix = self._prompt_prefix() if patch is None else None
+        base = self.base_logp
+        if prefix is not None:  # the prompt before the first completion query is the same for every spec
+            cache, base = prefix
+            with intervene(self.model, spec, queries, spans=self.spans, completion_start=self.prompt_length):
+                logp = token_logprobs_from_prefix(
+                    self.model, inputs, self.completion_ids, cache, self.prompt_length - 1
+                ).cpu()
+        else:
+            context = (
+                patch(queries)
+                if patch is not None
+                else intervene(
+                    self.model, spec, queries, spans=self.spans, completion_start=self.prompt_length
+                )
+            )
+            with context:
+                logp = token_logprobs(self.model, inputs, self.completion_ids).cpu()
+        return _teacher_forced_metrics(logp, base, selection, self.completion_mask.cpu(), self.answer_mask)
 
     def free_running(self, spec: Intervention, selection: Tensor) -> dict[str, list]:
         """Per-sample free-running effects: regenerate from the first selected token under `spec`.

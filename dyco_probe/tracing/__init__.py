@@ -10,6 +10,10 @@
         out = model.generate(**inputs, max_new_tokens=64)
     trace = tr.finish(out)
 
+    with OfflineTracer(model, inputs, completion) as tr:                        # rides along a forward
+        model(**tr.inputs)                                                      # the caller runs
+    same = tr.trace()
+
 The attention function under all of this (`attention_hooks`, `AttentionCall`) is the one
 interventions build on: see `dyco_probe.tracing.attention`.
 """
@@ -18,13 +22,14 @@ from .attention import AttentionCall, AttentionHook, attention_hooks, explicit_a
 from .backends import BACKENDS
 from .config import TraceConfig
 from .trace import SIGNAL_NAMES, SampleTrace, TokenRecord, Trace
-from .tracer import Tracer, trace_generate, trace_offline
+from .tracer import OfflineTracer, Tracer, trace_generate, trace_offline
 
 __all__ = [
     "BACKENDS",
     "SIGNAL_NAMES",
     "AttentionCall",
     "AttentionHook",
+    "OfflineTracer",
     "SampleTrace",
     "TokenRecord",
     "Trace",

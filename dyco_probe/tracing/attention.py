@@ -29,7 +29,8 @@ Hook contract
     add up. Per-head or per-sample biases: use the H or B dimension.
   * `call.request_probs(rows, callback)`: `callback(probs)` with `probs` `[B, H, R, num_columns]`
     float32 over every column so far, biases of this call included, padding keys and columns a
-    sliding-window cache dropped exactly 0; called before the layer returns.
+    sliding-window cache dropped exactly 0; called before the layer returns. A read-out: `probs`
+    carries no gradient, also in a forward that does (a training step's).
   * `call.logits(rows)`: the unbiased logits `[B, H, R, K]` float32 (mask included), right away.
   * `call.edit_output(fn)`: replace the layer's attention output before `o_proj`, `[B, Q, H, D]`,
     by `fn(output)` (activation patching of heads; edits apply in order, after biases).
@@ -232,12 +233,18 @@ def explicit_attention_rows(
     b, h, r, d = query.shape
     h_kv = key.shape[1]
     groups = h // h_kv
-    q = query.to(torch.float32).reshape(b, h_kv, groups * r, d)
-    logits = torch.matmul(q, key.to(torch.float32).transpose(-1, -2)).reshape(b, h, r, -1)
-    logits = logits * scaling + logit_mask
-    if bias is not None:  # -inf biases on top of a dtype-min mask: keep every logit finite
-        logits = (logits + bias.to(torch.float32)).clamp_min(torch.finfo(torch.float32).min)
-    return torch.softmax(logits, dim=-1)
+    with _float32(query):
+        q = query.to(torch.float32).reshape(b, h_kv, groups * r, d)
+        logits = torch.matmul(q, key.to(torch.float32).transpose(-1, -2)).reshape(b, h, r, -1)
+        logits = logits * scaling + logit_mask
+        if bias is not None:  # -inf biases on top of a dtype-min mask: keep every logit finite
+            logits = (logits + bias.to(torch.float32)).clamp_min(torch.finfo(torch.float32).min)
+        return torch.softmax(logits, dim=-1)
+
+
+def _float32(like: Tensor):
+    """A block where autocast (a mixed-precision training forward) leaves float32 math alone."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
 
 
 def _apply_values(probs: Tensor, value: Tensor) -> Tensor:
@@ -355,8 +362,10 @@ class _Session:
             out, weights = self.base(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
-            for rows, callback in call._requests:
-                callback(call._padded(_probs_in_chunks(call, rows, None)))
+            # read-outs: float32 under autocast too, never differentiated (no graph kept alive)
+            with torch.no_grad(), _float32(query):
+                for rows, callback in call._requests:
+                    callback(call._padded(_probs_in_chunks(call, rows, None)))
         else:
             out, weights = _biased_forward(self.base, call, module, attention_mask, dropout, kwargs)
         for fn in call._edits:
@@ -410,7 +419,8 @@ def _biased_forward(base, call: AttentionCall, module, attention_mask, dropout, 
         if missing:  # requested rows without a bias: softmax of the plain logits
             extra = _probs_in_chunks(call, torch.tensor(missing, device=query.device), call._biases)
             kept.update({r: extra[:, :, j] for j, r in enumerate(missing)})
-        callback(call._padded(torch.stack([kept[r] for r in rows.tolist()], dim=2)))
+        with torch.no_grad(), _float32(query):
+            callback(call._padded(torch.stack([kept[r] for r in rows.tolist()], dim=2).detach()))
     return out, weights
 
 

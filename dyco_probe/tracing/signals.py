@@ -90,8 +90,10 @@ class StepSignals:
         return self._steps
 
     def state_nbytes(self) -> int:
-        """Bytes retained: buffered rows, the last step's distributions and the outputs so far."""
-        tensors = [self._prev, *self._pending, *self._ratios, *self._dynamics, *self._image_rows]
+        """Bytes retained: buffered rows, the last step's distributions, the span-mask buffers and
+        the outputs so far."""
+        tensors = [self._prev, self._masks, self._weights, *self._pending, *self._ratios, *self._dynamics]
+        tensors += self._image_rows
         return sum(x.numel() * x.element_size() for x in tensors if x is not None)
 
     def _span_masks(self, num_keys: int) -> tuple[Tensor, Tensor]:
@@ -155,6 +157,11 @@ class StepSignals:
     def _process(self, rows: Tensor, first: int) -> None:
         """Signals of steps `first .. first + n - 1` from their rows `[B, G, n, K]` (`K` the last
         step's key count; each step's row is cut to its own keys here)."""
+        # float32 math also inside a mixed-precision (autocast) forward
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            self._process_float32(rows, first)
+
+    def _process_float32(self, rows: Tensor, first: int) -> None:
         n, num_keys = rows.shape[2], rows.shape[3]
         cols = torch.arange(num_keys, device=rows.device)
         keys = self._expected_keys(first) + torch.arange(n, device=rows.device)  # [n]

@@ -6,7 +6,8 @@ into `StepSignals`. A forward pre-hook on the model sees each forward's inputs: 
 cache yet) gives the prompt and hence the spans; each decode step gives the token fed back, `o_{t-1}`.
 
 Offline, one forward over `prompt ++ completion` yields the rows of all completion queries at once
-(from any backend) and the same `StepSignals` runs over them, so both modes agree.
+(from any backend) and the same `StepSignals` runs over them, so both modes agree. `OfflineTracer`
+takes those rows from a forward the caller runs anyway (a training step's), instead of one of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..completions import completion_mask as eos_mask
-from ..completions import eos_token_ids, forward_inputs, teacher_forced_inputs
+from ..completions import eos_token_ids, forward_inputs, generation_position_ids, teacher_forced_inputs
 from ..spans import Spans, image_token_id_of, spans_for_model
 from .attention import _text_decoder, attention_hooks, attention_layers, check_attention_layers
 from .backends import head_mean
@@ -28,7 +29,7 @@ from .config import TraceConfig
 from .signals import StepSignals, reduce_rows
 from .trace import SIGNAL_NAMES, Trace
 
-__all__ = ["Tracer", "trace_generate", "trace_offline"]
+__all__ = ["OfflineTracer", "Tracer", "trace_generate", "trace_offline"]
 
 _QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5")
 
@@ -98,7 +99,7 @@ class _Probe:
 
     def build(
         self,
-        signals: StepSignals,
+        res: dict[str, Tensor],
         spans: Spans,
         token_ids: Tensor,
         mask: Tensor,
@@ -106,7 +107,7 @@ class _Probe:
         backend: str,
         sample_ids: Sequence | None,
     ) -> Trace:
-        res = signals.result()
+        """The `Trace` from `StepSignals.result()` (or results of row chunks, concatenated)."""
         nan = res["nan"] & mask.to(res["nan"].device)
         if bool(nan.any()):
             i, t = (int(x) for x in nan.nonzero()[0])
@@ -290,7 +291,7 @@ class Tracer:
         token_ids = torch.cat([fed, last], dim=1)
         mask = eos_mask(token_ids, self.probe.eos)  # needs only o_1..o_{T-1}
         return self.probe.build(
-            self._signals, self._spans, token_ids, mask, "online", "native", self.sample_ids
+            self._signals.result(), self._spans, token_ids, mask, "online", "native", self.sample_ids
         )
 
 
@@ -376,6 +377,161 @@ def trace_offline(
 
     rows_fn = get_backend(backend)
     probe = _Probe(model, config or TraceConfig(), image_token_id, tokenizer, eos_token_id)
+    spans, completion_ids, completion_mask, inputs = _teacher_forced(
+        probe, prompt_inputs, completion_ids, completion_mask, sample_ids
+    )
+    rows = rows_fn(
+        model,
+        _with_positions(model, inputs),
+        layers=probe.layers,
+        heads=probe.heads,
+        query_columns=_completion_queries(spans, completion_ids),
+        **backend_options,
+    )
+    rows = reduce_rows(rows.to(torch.float32), probe.config.per_layer)  # [B, G, T, K]
+    signals = probe.signals(spans)
+    signals.steps(rows)
+    return probe.build(
+        signals.result(), spans, completion_ids, completion_mask, "offline", backend, sample_ids
+    )
+
+
+class OfflineTracer:
+    """Context manager that traces given completions teacher-forced, riding along forwards the caller runs.
+
+    `trace_offline` runs a forward of its own; this one takes the rows from forwards that run anyway
+    (a training step's log-probability pass, or the loss forward itself): each forward of `model`
+    inside the block over the `L + T` columns of `prompt ++ completion` (no cache) hands over the
+    probed layers' attention rows of the completion queries through the shared attention function,
+    as the native backend does. The forward's output is unchanged and the rows carry no gradient. The
+    batch may come as consecutive row chunks, one forward each, in order; each chunk is turned into
+    signals as soon as its last probed layer has run, so only one chunk's rows are held.
+
+        tracer = OfflineTracer(model, prompt_inputs, completion_ids)
+        with tracer:
+            model(**tracer.inputs)    # or any forward over the same columns, e.g. with labels, grad on
+        trace = tracer.trace()        # the trace_offline(model, prompt_inputs, completion_ids) numbers
+
+    The numbers are `trace_offline`'s when the forward sees what `tracer.inputs` holds (in particular
+    the attention mask `prompt mask ++ completion_mask`; the caller checks that). Backward passes are
+    not traced: gradient checkpointing recomputes after the block has ended.
+
+    Args: as for `trace_offline` (native backend only).
+    """
+
+    def __init__(
+        self,
+        model,
+        prompt_inputs: dict,
+        completion_ids: Tensor,
+        completion_mask: Tensor | None = None,
+        *,
+        image_token_id: int | None = None,
+        tokenizer=None,
+        config: TraceConfig | None = None,
+        sample_ids: Sequence | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+    ):
+        self.model = model
+        self.probe = _Probe(model, config or TraceConfig(), image_token_id, tokenizer, eos_token_id)
+        self.sample_ids = sample_ids
+        self.spans, self.completion_ids, self.completion_mask, self._inputs = _teacher_forced(
+            self.probe, prompt_inputs, completion_ids, completion_mask, sample_ids
+        )
+        self.query_columns = _completion_queries(self.spans, self.completion_ids)
+        self._ctx = None
+        self._done = 0  # samples whose rows have been turned into signals
+        self._rows: list[Tensor] = []  # the current chunk's rows, one per probed layer so far
+        self._results: list[dict[str, Tensor]] = []
+
+    @functools.cached_property
+    def inputs(self) -> dict:
+        """The forward's inputs over `prompt ++ completion`, as `trace_offline` would run it."""
+        return _with_positions(self.model, self._inputs)
+
+    def __enter__(self) -> OfflineTracer:
+        self._ctx = attention_hooks(self.model, self._on_attention, layers=self.probe.layers)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+            self._ctx = None
+
+    def _on_attention(self, call) -> None:
+        columns = self.spans.prompt_length + self.completion_ids.shape[1]
+        if call.num_queries != columns or call.num_columns != columns:
+            raise RuntimeError(
+                f"OfflineTracer: a forward over {call.num_queries} queries / {call.num_columns} columns, "
+                f"expected prompt ++ completion = {columns} (no cache)"
+            )
+        call.request_probs(self.query_columns, functools.partial(self._on_rows, call.layer_idx))
+
+    def _on_rows(self, layer: int, probs: Tensor) -> None:
+        row = head_mean(probs, self.probe.heads)  # [b, T, K]
+        if self.probe.config.per_layer or not self._rows:
+            self._rows.append(row)
+        else:  # a running sum: one [b, T, K] buffer whatever the number of probed layers
+            self._rows[0] = self._rows[0] + row
+        if layer != self.probe.layers[-1]:
+            return
+        if self.probe.config.per_layer:
+            rows = torch.stack(self._rows, dim=1)  # [b, n_layers, T, K]
+        else:
+            rows = (self._rows[0] / len(self.probe.layers))[:, None]
+        self._rows = []
+        start, stop = self._done, self._done + rows.shape[0]
+        if stop > self.spans.batch_size:
+            raise RuntimeError(f"OfflineTracer: more rows than the {self.spans.batch_size} samples traced")
+        spans = _slice_spans(self.spans, start, stop)
+        signals = self.probe.signals(spans)
+        signals.steps(reduce_rows(rows, self.probe.config.per_layer))
+        self._results.append(signals.result())
+        self._done = stop
+
+    def trace(self) -> Trace:
+        """The trace of every sample; raises unless forwards inside the block covered the whole batch."""
+        if self._done != self.spans.batch_size:
+            raise RuntimeError(
+                f"OfflineTracer: forwards covered {self._done} of {self.spans.batch_size} samples"
+            )
+        res = _concat_results(self._results)
+        mask = self.completion_mask
+        return self.probe.build(
+            res, self.spans, self.completion_ids, mask, "offline", "native", self.sample_ids
+        )
+
+
+def _slice_spans(spans: Spans, start: int, stop: int) -> Spans:
+    if start == 0 and stop == spans.batch_size:
+        return spans
+    return Spans(*(getattr(spans, f)[start:stop] for f in ("image", "valid", "last_image", "num_images")))
+
+
+def _concat_results(results: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """`StepSignals.result()` of consecutive row chunks as one batch (image rows padded to the widest)."""
+    if len(results) == 1:
+        return results[0]
+    out = {}
+    for key in results[0]:
+        parts = [r[key] for r in results]
+        if key in ("image_rows", "image_rows_mask"):
+            width = max(p.shape[-1] for p in parts)
+            parts = [torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts]
+        out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+def _completion_queries(spans: Spans, completion_ids: Tensor) -> Tensor:
+    """`[T]` columns of the queries whose logits produce `o_1 .. o_T`: `L - 1 .. L + T - 2`."""
+    length = spans.prompt_length
+    return torch.arange(length - 1, length - 1 + completion_ids.shape[1], device=completion_ids.device)
+
+
+def _teacher_forced(probe: _Probe, prompt_inputs: dict, completion_ids: Tensor, completion_mask, sample_ids):
+    """Check a teacher-forced batch and lay it out: `(spans, completion_ids, completion_mask, inputs)`,
+    `inputs` the forward's over `prompt ++ completion` (without position ids: `_with_positions`)."""
     spans = probe.spans(prompt_inputs)
     prompt_ids = prompt_inputs["input_ids"]
     b, length = prompt_ids.shape
@@ -398,13 +554,13 @@ def trace_offline(
             "a teacher-forced forward would read it as an image"
         )
 
-    inputs = teacher_forced_inputs(model, prompt_inputs, completion_ids, completion_mask)
-
-    query_columns = torch.arange(length - 1, length - 1 + steps, device=prompt_ids.device)
-    rows = rows_fn(
-        model, inputs, layers=probe.layers, heads=probe.heads, query_columns=query_columns, **backend_options
+    inputs = teacher_forced_inputs(
+        probe.model, prompt_inputs, completion_ids, completion_mask, positions=False
     )
-    rows = reduce_rows(rows.to(torch.float32), probe.config.per_layer)  # [B, G, T, K]
-    signals = probe.signals(spans)
-    signals.steps(rows)
-    return probe.build(signals, spans, completion_ids, completion_mask, "offline", backend, sample_ids)
+    return spans, completion_ids, completion_mask, inputs
+
+
+def _with_positions(model, inputs: dict) -> dict:
+    """`inputs` with position ids as `generate` makes them (Qwen-VL's mRoPE from the image grids)."""
+    position_ids = generation_position_ids(model, inputs["input_ids"], inputs)
+    return inputs if position_ids is None else {**inputs, "position_ids": position_ids}
