@@ -1,4 +1,4 @@
-"""``make demo``: the whole story on the built-in model, in a few minutes on a laptop CPU.
+"""``make demo``: the whole story on the built-in model, in about a quarter of an hour on a 2-core CPU.
 
     python -m dyco_probe.demo                       # writes runs/demo/, ends with runs/demo/report.html
     python -m dyco_probe.demo --fresh               # start over
@@ -43,7 +43,8 @@ from pathlib import Path
 
 STAGES = ("trace", "roles", "tokens", "control", "interventions", "rl", "report")
 
-# The defaults are sized for the built-in model on a 2-core CPU (about 10 minutes in all at most);
+# The defaults are sized for the built-in model on a 2-core CPU (16 minutes measured with another job
+# running, 11 of them the two RL runs of 150 steps, which repair the planted failure);
 # --quick shrinks everything to check the pipeline in seconds.
 DEFAULTS = dict(
     n=200,
